@@ -1,0 +1,1 @@
+"""Evaluation: encode -> search -> metrics. Nothing here knows about optimisers."""

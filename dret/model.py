@@ -1,0 +1,155 @@
+"""Embedder = backbone + pooling + optional L2 normalisation, and its batched, length-bucketed `encode`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dret import hf_io
+from dret.errors import DretError
+
+POOLING_METHODS = ("cls", "mean", "last", "last_8")
+DEFAULT_MAX_LENGTH = 512
+
+
+def pool(h_btd: jax.Array, mask_bt: jax.Array, method: str, padding_side: str = "right") -> jax.Array:
+    """Hidden states [B, T, D] -> sentence vectors [B, D] in float32."""
+    h_btd = h_btd.astype(jnp.float32)
+    mask_bt = mask_bt.astype(jnp.float32)
+    if method == "cls":
+        return h_btd[:, 0]
+    if method == "mean":
+        return (h_btd * mask_bt[..., None]).sum(1) / jnp.maximum(mask_bt.sum(1, keepdims=True), 1.0)
+    if method in ("last", "last_8"):
+        n_last = 1 if method == "last" else 8
+        if padding_side == "left":
+            return h_btd[:, -n_last:].mean(1)
+        # Right padding: weight the last n_last real tokens of each row.
+        length_b1 = mask_bt.sum(1, keepdims=True)
+        pos_bt = jnp.arange(h_btd.shape[1])[None, :]
+        w_bt = ((pos_bt < length_b1) & (pos_bt >= length_b1 - n_last)).astype(jnp.float32)
+        return (h_btd * w_bt[..., None]).sum(1) / jnp.maximum(w_bt.sum(1, keepdims=True), 1.0)
+    raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLING_METHODS)}")
+
+
+def finish(v_bd: jax.Array, *, normalize: bool, dim: int | None) -> jax.Array:
+    """Matryoshka truncation to `dim`, then L2 normalisation."""
+    if dim is not None:
+        v_bd = v_bd[:, :dim]
+    if normalize:
+        v_bd = v_bd / jnp.maximum(jnp.linalg.norm(v_bd, axis=-1, keepdims=True), 1e-12)
+    return v_bd
+
+
+def length_buckets(max_length: int) -> list[int]:
+    """Padded lengths: 16, 24, 32, 48, 64, 96, ... (<= 50% pad waste), capped by and ending at max_length."""
+    buckets, n = [], 16
+    while n < max_length:
+        buckets += [n] + ([n * 3 // 2] if n * 3 // 2 < max_length else [])
+        n *= 2
+    return buckets + [max_length]
+
+
+def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
+    """(pooling, max_seq_length) from a sentence-transformers folder, None where it says nothing."""
+    pooling = max_len = None
+    modules_file = os.path.join(path, "modules.json")
+    if os.path.isfile(modules_file):
+        with open(modules_file) as f:
+            for module in json.load(f):
+                if module["type"].endswith("Pooling"):
+                    with open(os.path.join(path, module["path"], "config.json")) as g:
+                        cfg = json.load(g)
+                    modes = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                             "pooling_mode_lasttoken": "last"}
+                    on = [name for key, name in modes.items() if cfg.get(key)]
+                    pooling = on[0] if len(on) == 1 else None
+    st_config = os.path.join(path, "sentence_bert_config.json")
+    if os.path.isfile(st_config):
+        with open(st_config) as f:
+            max_len = json.load(f).get("max_seq_length")
+    return pooling, max_len
+
+
+def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, normalize, dim):
+    model = nnx.merge(graphdef, state)
+    return finish(pool(model(ids_bt, mask_bt), mask_bt, pooling), normalize=normalize, dim=dim)
+
+
+class Embedder:
+    """A text -> vector model: `Embedder.from_pretrained(dir).encode(texts)`."""
+
+    def __init__(self, backbone, tokenizer, hf_config: dict, *, pooling: str, normalize: bool = True,
+                 max_length: int = DEFAULT_MAX_LENGTH):
+        if pooling not in POOLING_METHODS:
+            raise DretError(f"pooling {pooling!r} is not supported; expected one of {', '.join(POOLING_METHODS)}")
+        self.backbone, self.tokenizer, self.hf_config = backbone, tokenizer, hf_config
+        self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        self.dim = backbone.config.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, pooling: str | None = None, normalize: bool = True, dtype=None,
+                        allow_pickle: bool = False) -> "Embedder":
+        """Load an HF / sentence-transformers folder; pooling defaults to its sentence-transformers config."""
+        backbone, hf = hf_io.load_model(path, dtype=jnp.dtype(dtype or jnp.float32), allow_pickle=allow_pickle)
+        st_pooling, st_max_len = _read_sentence_transformers(path)
+        pooling = pooling or st_pooling
+        if pooling is None:
+            raise DretError(f"{path} has no sentence-transformers pooling config: pass pooling= "
+                            f"(one of {', '.join(POOLING_METHODS)})")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        max_length = min(st_max_len or DEFAULT_MAX_LENGTH, backbone.config.max_position_embeddings
+                         - backbone.config.position_offset)
+        return cls(backbone, tokenizer, hf, pooling=pooling, normalize=normalize, max_length=max_length)
+
+    def save(self, out_dir: str) -> None:
+        """HF + sentence-transformers folder (see `hf_io.export`)."""
+        hf_io.export(self.backbone, self.hf_config, self.tokenizer, out_dir, pooling=self.pooling,
+                     normalize=self.normalize, max_seq_length=self.max_length)
+
+    @functools.cached_property
+    def _jitted(self):
+        graphdef, _ = nnx.split(self.backbone)
+        return jax.jit(functools.partial(_forward, graphdef), static_argnames=("pooling", "normalize", "dim"))
+
+    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Token ids with special tokens, truncated right to max_length."""
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int | None = None,
+               instruction: str = "", dim: int | None = None, progress: bool = True) -> np.ndarray:
+        """Texts -> float32 [N, dim or d]. max_length defaults to the model's (sentence-transformers config, else 512).
+
+        Texts are sorted by length and padded to a few bucket lengths, so compiles and pad waste stay small.
+        """
+        if dim is not None and not 0 < dim <= self.dim:
+            raise DretError(f"dim={dim}: expected 1..{self.dim} (the model's embedding size)")
+        max_length = max_length or self.max_length
+        ids = self.tokenize([instruction + t for t in texts], max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        buckets = length_buckets(max_length)
+        _, state = nnx.split(self.backbone)
+        pad_id = self.tokenizer.pad_token_id or 0
+        out = np.zeros((len(texts), dim or self.dim), np.float32)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="encode", disable=not progress or len(starts) <= 1, leave=False):
+            rows = order[start:start + batch_size]
+            t = next(b for b in buckets if b >= len(ids[rows[0]]))
+            n = min(batch_size, 1 << (len(rows) - 1).bit_length())  # pad a short last batch to a power of two
+            ids_bt = np.full((n, t), pad_id, np.int32)
+            mask_bt = np.zeros((n, t), np.int32)
+            for i, r in enumerate(rows):
+                ids_bt[i, :len(ids[r])] = ids[r]
+                mask_bt[i, :len(ids[r])] = 1
+            v = self._jitted(state, ids_bt, mask_bt, pooling=self.pooling, normalize=self.normalize, dim=dim)
+            out[rows] = np.asarray(v)[:len(rows)]
+        return out

@@ -1,0 +1,164 @@
+"""BERT-family encoders in Flax NNX: BERT, RoBERTa / XLM-R (offset position ids), ERNIE 3.0 (task types).
+
+Parameters name logical axes only; `dret.sharding` maps them to a mesh. Compute dtype (`dtype`) and
+parameter dtype (`param_dtype`) are separate; layer norms and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dret.models.attention import dot_product_attention
+
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "ernie")
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of an HF `config.json` that the encoder uses."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_dropout_prob: float = 0.1
+    use_task_id: bool = False  # ERNIE 3.0
+    task_type_vocab_size: int = 3
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "BertConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+    @property
+    def position_offset(self) -> int:
+        """RoBERTa and XLM-R count positions from pad_token_id + 1."""
+        return self.pad_token_id + 1 if self.model_type in ("roberta", "xlm-roberta") else 0
+
+
+def _dense(n_in, n_out, axes, dtype, param_dtype, rngs):
+    return nnx.Linear(
+        n_in, n_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
+    )
+
+
+def _norm(n, eps, param_dtype, rngs):
+    return nnx.LayerNorm(
+        n, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+    )
+
+
+def _embed(n, d, axes, dtype, param_dtype, rngs):
+    return nnx.Embed(
+        n, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+    )
+
+
+def _dropout(x, rate: float, rng: jax.Array | None):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.word = _embed(cfg.vocab_size, d, ("vocab", "embed"), dtype, param_dtype, rngs)
+        self.position = _embed(cfg.max_position_embeddings, d, ("position", "embed"), dtype, param_dtype, rngs)
+        self.token_type = _embed(cfg.type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
+        self.task_type = (_embed(cfg.task_type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
+                          if cfg.use_task_id else None)
+        self.norm = _norm(d, cfg.layer_norm_eps, param_dtype, rngs)
+
+    def __call__(self, ids_bt, position_ids_bt, token_type_ids_bt):
+        x_btd = self.word(ids_bt) + self.position(position_ids_bt) + self.token_type(token_type_ids_bt)
+        if self.task_type is not None:  # HF ERNIE defaults task_type_ids to zeros
+            x_btd = x_btd + self.task_type(jnp.zeros_like(ids_bt))
+        return self.norm(x_btd)
+
+
+class Layer(nnx.Module):
+    """Post-norm transformer layer; attribute names mirror HF's so `hf_io` maps keys by table."""
+
+    def __init__(self, cfg: BertConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f, eps = cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps
+        self.num_heads = cfg.num_attention_heads
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.dropout_rate = cfg.hidden_dropout_prob
+        self.query = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.key = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.value = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.attn_out = _dense(d, d, ("heads", "embed"), dtype, param_dtype, rngs)
+        self.attn_norm = _norm(d, eps, param_dtype, rngs)
+        self.mlp_in = _dense(d, f, ("embed", "mlp"), dtype, param_dtype, rngs)
+        self.mlp_out = _dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs)
+        self.mlp_norm = _norm(d, eps, param_dtype, rngs)
+
+    def __call__(self, x_btd, mask_bt, dropout_rng):
+        b, t, d = x_btd.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
+        attn_btnh = dot_product_attention(
+            split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd)), mask_bt)
+        rng_a, rng_m = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
+        h = self.attn_out(attn_btnh.reshape(b, t, d))
+        x_btd = self.attn_norm(x_btd + _dropout(h, self.dropout_rate, rng_a)).astype(x_btd.dtype)
+        h = self.mlp_out(self.act(self.mlp_in(x_btd)))
+        return self.mlp_norm(x_btd + _dropout(h, self.dropout_rate, rng_m)).astype(x_btd.dtype)
+
+
+class BertModel(nnx.Module):
+    """Token ids [B, T] -> last hidden states [B, T, D] in the compute dtype."""
+
+    def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        if cfg.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {cfg.model_type!r} is not a BERT-family encoder ({', '.join(ARCHITECTURES)})")
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.embeddings = Embeddings(cfg, dtype, param_dtype, rngs)
+        self.layers = nnx.List([Layer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, ids_bt, mask_bt, *, dropout_rng: jax.Array | None = None):
+        """`mask_bt` is 1 for real tokens; `dropout_rng` None means deterministic (eval)."""
+        cfg = self.config
+        if cfg.position_offset:
+            position_ids_bt = jnp.cumsum(mask_bt, axis=1) * mask_bt + cfg.pad_token_id
+        else:
+            position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
+        x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt)).astype(self.dtype)
+        if dropout_rng is not None:
+            x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, -1))
+        mask_bt = mask_bt.astype(bool)
+        for i, layer in enumerate(self.layers):
+            rng = jax.random.fold_in(dropout_rng, i) if dropout_rng is not None else None
+            call = nnx.remat(Layer.__call__) if self.remat else Layer.__call__
+            x_btd = call(layer, x_btd, mask_bt, rng)
+        return x_btd
