@@ -140,17 +140,17 @@ def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: 
         log.info("%s: skipping %d keys embeddings do not use (%s...)", path, len(unused), unused[0])
     for p, var in flat:
         value = _swap_layout(p, weights[_hf_name(p)])
-        if value.shape != var.value.shape:
+        if value.shape != var.shape:
             raise DretError(f"{source}: {_hf_name(p)} has shape {value.shape}, config.json implies "
-                            f"{_swap_layout(p, np.empty(var.value.shape)).shape}")
-        var.value = jnp.asarray(value, dtype=var.value.dtype)
+                            f"{_swap_layout(p, np.empty(var.shape)).shape}")
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), hf
 
 
 def state_dict(model: BertModel) -> dict[str, np.ndarray]:
     """HF-named float32 numpy tensors of the model (the inverse of `load_model`'s mapping)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {_hf_name(p): np.ascontiguousarray(_swap_layout(p, np.asarray(jax.device_get(v.value), np.float32)))
+    return {_hf_name(p): np.ascontiguousarray(_swap_layout(p, np.asarray(jax.device_get(v.get_value()), np.float32)))
             for p, v in flat}
 
 
