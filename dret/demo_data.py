@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import os
 
 MODULES = (
     "argparse", "base64", "bisect", "calendar", "collections", "configparser", "copy", "csv", "datetime",
@@ -56,3 +58,25 @@ def build_pairs() -> list[dict]:
                 seen.update(pair)
                 pairs.append({"id": qualname, "query": pair[0], "passage": pair[1]})
     return pairs
+
+
+BUILTIN_TRAIN_DATA = "builtin:stdlib-docs"
+HELD_OUT_EVERY = 5  # every 5th pair is held out from training, for the demo's before/after evaluation
+
+
+def split_pairs(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): a fixed interleaved split."""
+    return ([p for i, p in enumerate(pairs) if i % HELD_OUT_EVERY],
+            [p for i, p in enumerate(pairs) if i % HELD_OUT_EVERY == 0])
+
+
+def write_train_jsonl(path: str) -> str:
+    """The training split as {"query", "pos", "neg": []} rows (negatives come from other rows' positives)."""
+    train, _ = split_pairs(build_pairs())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for p in train:
+            f.write(json.dumps({"query": p["query"], "pos": [p["passage"]], "neg": []}) + "\n")
+    os.replace(tmp, path)
+    return path

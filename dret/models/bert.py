@@ -155,7 +155,7 @@ class BertModel(nnx.Module):
             position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
         x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt)).astype(self.dtype)
         if dropout_rng is not None:
-            x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, -1))
+            x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         mask_bt = mask_bt.astype(bool)
         for i, layer in enumerate(self.layers):
             rng = jax.random.fold_in(dropout_rng, i) if dropout_rng is not None else None

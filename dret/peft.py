@@ -1,0 +1,49 @@
+"""What trains, chosen by variable type: sft (every Param), bitfit (biases), lora (qwix `nnx.LoRAParam`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+
+FINE_TUNE_TYPES = ("sft", "lora", "bitfit")
+
+
+def _is_bias(path, value) -> bool:
+    return isinstance(value, nnx.Param) and path[-1] == "bias"
+
+
+def trainable(fine_tune_type: str):
+    """The nnx filter of the variables the optimizer updates."""
+    return {"sft": nnx.Param, "lora": nnx.LoRAParam, "bitfit": _is_bias}[fine_tune_type]
+
+
+def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, target_modules, seed: int,
+               example_len: int = 8) -> nnx.Module:
+    """Adds adapters (A: he-uniform, B: zeros, delta scaled alpha/rank) to the named Linear modules.
+
+    LoRA dropout draws from `qwix_rngs`, one stream shared by every adapter; the train step reseeds it
+    from the step's rng, so dropout masks depend only on (seed, step).
+    """
+    pattern = r".*/(" + "|".join(target_modules) + r")"
+    provider = qwix.LoraProvider(module_path=pattern, rank=rank, alpha=float(alpha), dropout=dropout)
+    ids_bt = jnp.ones((1, example_len), jnp.int32)
+    model = qwix.apply_lora_to_model(model, provider, ids_bt, ids_bt, rngs=nnx.Rngs(seed))
+    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed))
+    return model
+
+
+def merged_params(model: nnx.Module, *, rank: int, alpha: float) -> nnx.State:
+    """Plain Params with each adapter folded in: kernel + A @ B * alpha / rank (for export and eval)."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    merged = {}
+    for path, var in flat.items():
+        if isinstance(var, nnx.LoRAParam):
+            continue
+        value = var.get_value()
+        a = flat.get(path[:-1] + (f"{path[-1]}_lora_a",))
+        if a is not None:
+            b = flat[path[:-1] + (f"{path[-1]}_lora_b",)]
+            value = value + (a.get_value() @ b.get_value()) * (alpha / rank)
+        merged[path] = nnx.Param(value)
+    return nnx.from_flat_state(merged)

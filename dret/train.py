@@ -1,0 +1,31 @@
+"""`python -m dret.train --config ml_configs/X.py [--config.key=value ...]`."""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from dret.errors import DretError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    from dret.trainer import train_and_evaluate
+
+    try:
+        export_dir = train_and_evaluate(_CONFIG.value)
+    except DretError as e:
+        sys.exit(f"dret: {e}")
+    print(f"export: {export_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

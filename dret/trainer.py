@@ -1,0 +1,207 @@
+"""The training loop: config -> data -> jitted step -> metrics -> checkpoints -> export.
+
+Resume order (automatic when output_dir holds checkpoints and overwrite_output_dir is off):
+  1. build model, optimizer and the abstract sharded state exactly as a fresh run would;
+  2. restore the latest checkpoint's state onto those shardings (any mesh);
+  3. restore the data iterator's position from the checkpoint's meta (never skip batches by re-reading);
+  4. drop metrics.jsonl rows logged after that checkpoint, then continue from its step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dret import hf_io, peft
+from dret.checkpoint import Checkpointer, abstract
+from dret.config_check import validate
+from dret.data import TrainData
+from dret.errors import DretError
+from dret.metrics_log import MetricsLog
+from dret.resources import build_backbone, resolve_train_data
+from dret.sharding import batch_sharding, data_parallel_size, make_mesh, parse_sharding, state_shardings
+from dret.train_step import StepConfig, TrainState, train_step
+
+log = logging.getLogger(__name__)
+EXPORT_DIR = "export"
+
+
+def precision(config) -> tuple:
+    """(compute dtype, parameter dtype). Master weights stay float32 in every mode."""
+    if config.bf16:
+        return jnp.bfloat16, jnp.float32
+    if config.fp16 and config.fp16_opt_level != "O0":
+        return jnp.float16, jnp.float32
+    return jnp.float32, jnp.float32
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW, linear warmup then linear decay to 0, no decay on biases / norms (1-D), global-norm clipping."""
+    warmup = min(config.warmup_steps, total_steps)
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+        optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
+    ], [warmup]) if warmup else optax.linear_schedule(config.learning_rate, 0.0, max(total_steps, 1))
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """A fresh folder, or one holding an earlier run to resume; anything else needs overwrite_output_dir."""
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if overwrite and os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    if os.path.isfile(output_dir):
+        raise DretError(f"output_dir {output_dir} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isdir(checkpoints):
+        if set(os.listdir(output_dir)) - {"data", "metrics.jsonl", "tensorboard"}:
+            raise DretError(f"output_dir {output_dir} is not empty and holds no dret run: "
+                            "choose another folder or pass overwrite_output_dir=True")
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _create_state(graphdef, params, frozen, tx, mesh, config) -> TrainState:
+    """The train state, born sharded: eval_shape -> shardings -> jit(init, out_shardings=)."""
+    stage, offload = parse_sharding(config.sharding)
+    fsdp = "fsdp" if stage == "stage3" else None
+    opt_fsdp = ("data", "fsdp") if stage else fsdp
+
+    def init(params, frozen):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed), loss_scale=jnp.float32(2.0 ** 15 if config.fp16 else 1.0),
+            finite_run=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32))
+
+    shapes = jax.eval_shape(init, params, frozen)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = _opt_state_shardings(shapes.opt_state, params, mesh, opt_fsdp)
+    if offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    shardings = TrainState(
+        step=replicated, params=state_shardings(mesh, params, fsdp_axes=fsdp),
+        frozen=state_shardings(mesh, frozen, fsdp_axes=fsdp), opt_state=opt_shardings, rng=replicated,
+        loss_scale=replicated, finite_run=replicated, nonfinite_run=replicated)
+    return jax.jit(init, out_shardings=shardings)(params, frozen)
+
+
+def _opt_state_shardings(opt_shapes, params, mesh, fsdp_axes):
+    """Moments take their parameter's logical axes; scalars (counts) are replicated."""
+    param_shardings = state_shardings(mesh, params, fsdp_axes=fsdp_axes)
+    by_shape = {}
+    for (path, var), sharding in zip(nnx.to_flat_state(params), jax.tree.leaves(param_shardings)):
+        by_shape.setdefault(tuple(var.shape), sharding)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: by_shape.get(tuple(x.shape), replicated), opt_shapes)
+
+
+def train_and_evaluate(config) -> str:
+    """Runs (or resumes) training; returns the export folder."""
+    validate(config)
+    output_dir = config.output_dir
+    prepare_output_dir(output_dir, config.overwrite_output_dir)
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    dtype, param_dtype = precision(config)
+    backbone, hf_config, tokenizer = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
+    if config.fine_tune_type == "lora":
+        backbone = peft.apply_lora(backbone, rank=config.lora_rank, alpha=config.lora_alpha,
+                                   dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
+                                   seed=config.seed)
+    graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
+
+    dp = data_parallel_size(mesh)
+    global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
+    data = TrainData(
+        resolve_train_data(config), tokenizer, global_batch_size=global_batch, group_size=config.train_group_size,
+        query_max_len=config.query_max_len, passage_max_len=config.passage_max_len,
+        query_instruction=config.query_instruction_for_retrieval,
+        passage_instruction=config.passage_instruction_for_retrieval,
+        max_example_num_per_dataset=config.max_example_num_per_dataset, seed=config.seed,
+        skip_bad_rows=config.skip_bad_rows, cache_dir=config.data_cache_dir or None,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
+    tx, schedule = make_optimizer(config, total_steps)
+    state = _create_state(graphdef, params, frozen, tx, mesh, config)
+    del params, frozen, backbone
+
+    checkpointer = Checkpointer(os.path.join(output_dir, "checkpoints"), max_to_keep=config.save_total_limit)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state, meta = checkpointer.restore(start_step, abstract(state))
+        data.restore(meta["data"])
+        log.info("resumed from %s at step %d", checkpointer.directory, start_step)
+
+    # validate() keeps dims <= hidden size; only tiny runs (64 wide) drop the larger ones here.
+    matryoshka = tuple((d, w) for d, w in zip(config.matryoshka_dims, config.matryoshka_loss_weights)
+                       if d <= hf_config["hidden_size"]) if config.use_matryoshka else ()
+    step_config = StepConfig(
+        graphdef=graphdef, tx=tx, pooling=config.sentence_pooling_method, normalized=config.normalized,
+        group_size=config.train_group_size, temperature=config.temperature, margin=config.margin,
+        use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
+        accumulation=config.gradient_accumulation_steps,
+        loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0")
+    step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0)
+    sharding = batch_sharding(mesh)
+    logs = MetricsLog(output_dir, start_step=start_step, total_steps=total_steps, enabled=is_main)
+    meta = lambda: {"data": data.state(), "config": config.to_dict()}  # noqa: E731
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    try:
+        step, window_start, window_examples, window_tokens = start_step, time.perf_counter(), 0, 0
+        for local_batch in data.batches(total_steps - start_step):
+            batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+            state, metrics = step_fn(state, batch, step_config)
+            step += 1
+            window_examples += global_batch
+            window_tokens += int(local_batch["query_mask"].sum() + local_batch["passage_mask"].sum()) \
+                * jax.process_count()
+            logs.advance()
+            if step % config.logging_steps == 0 or step == total_steps:
+                metrics = jax.device_get(metrics)
+                if int(jax.device_get(state.nonfinite_run)) >= config.max_nonfinite_steps:
+                    raise DretError(f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
+                                    "lower learning_rate, or use bf16 instead of fp16")
+                seconds = time.perf_counter() - window_start
+                logs.write(step, {**metrics, "learning_rate": schedule(step - 1),
+                                  "examples_per_s": window_examples / seconds,
+                                  "tokens_per_s": window_tokens / seconds})
+                window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+            if step % config.save_steps == 0 or step == total_steps or stop["signal"]:
+                checkpointer.save(step, state, meta())
+            if stop["signal"]:
+                log.warning("SIGTERM: saved a checkpoint at step %d; rerun the same command to resume", step)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        checkpointer.close()
+        logs.close()
+    export_dir = os.path.join(output_dir, EXPORT_DIR)
+    if not stop["signal"] and is_main:
+        export(state, graphdef, hf_config, tokenizer, config, export_dir)
+    return export_dir
+
+
+def export(state: TrainState, graphdef, hf_config, tokenizer, config, export_dir: str) -> None:
+    """The trained backbone (LoRA merged) as an HF / sentence-transformers folder, replacing an older export."""
+    model = nnx.merge(graphdef, state.params, state.frozen)
+    if config.fine_tune_type == "lora":
+        plain = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32, abstract=True)[0]
+        gd, _ = nnx.split(plain)
+        model = nnx.merge(gd, peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha))
+    staging = f"{export_dir}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    hf_io.export(model, hf_config, tokenizer, staging, pooling=config.sentence_pooling_method,
+                 normalize=config.normalized, max_seq_length=config.passage_max_len)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.rename(staging, export_dir)
