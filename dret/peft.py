@@ -22,14 +22,23 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, ta
                example_len: int = 8) -> nnx.Module:
     """Adds adapters (A: he-uniform, B: zeros, delta scaled alpha/rank) to the named Linear modules.
 
-    LoRA dropout draws from `qwix_rngs`, one stream shared by every adapter; the train step reseeds it
-    from the step's rng, so dropout masks depend only on (seed, step).
+    LoRA dropout draws from the modules' `qwix_rngs`, which the train step sets to a fresh stream keyed by the
+    step's rng (`with_lora_rng`), so dropout masks depend only on (seed, step) and no rng lives in the state.
     """
     pattern = r".*/(" + "|".join(target_modules) + r")"
     provider = qwix.LoraProvider(module_path=pattern, rank=rank, alpha=float(alpha), dropout=dropout)
     ids_bt = jnp.ones((1, example_len), jnp.int32)
+    # Adapters are created on the modules the init call runs; a rematerialised layer runs on a copy.
+    remat = getattr(model, "remat", False)
+    model.set_attributes(remat=False, raise_if_not_found=False)
     model = qwix.apply_lora_to_model(model, provider, ids_bt, ids_bt, rngs=nnx.Rngs(seed))
-    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed))
+    model.set_attributes(remat=remat, raise_if_not_found=False)
+    return model
+
+
+def with_lora_rng(model: nnx.Module, key) -> nnx.Module:
+    """Gives every LoRA adapter one dropout stream keyed by `key` (a no-op without adapters)."""
+    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
     return model
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dret.losses import contrastive_loss, matryoshka_loss
 from dret.model import finish, pool
+from dret.peft import with_lora_rng
 
 LOSS_SCALE_GROWTH_INTERVAL = 1000  # fp16: double the loss scale after this many finite steps in a row
 
@@ -26,7 +27,7 @@ LOSS_SCALE_GROWTH_INTERVAL = 1000  # fp16: double the loss scale after this many
 class TrainState:
     step: jax.Array  # int32 [], optimizer steps taken
     params: Any  # nnx.State of the trainable variables
-    frozen: Any  # nnx.State of everything else (frozen weights, LoRA dropout rng)
+    frozen: Any  # nnx.State of the frozen weights
     opt_state: Any
     rng: jax.Array  # uint32 [2], base key; the step's key is fold_in(rng, step)
     loss_scale: jax.Array  # float32 [], 1 unless fp16
@@ -74,8 +75,7 @@ def _loss(q_bd, p_nd, cfg: StepConfig):
 
 
 def _micro_loss(params, frozen, batch, rng, cfg: StepConfig):
-    model = nnx.merge(cfg.graphdef, params, frozen)
-    nnx.reseed(model, dropout=jax.random.fold_in(rng, 1))  # LoRA dropout stream, if any
+    model = with_lora_rng(nnx.merge(cfg.graphdef, params, frozen), jax.random.fold_in(rng, 1))
     q_bd = _embed(model, batch["query_ids"], batch["query_mask"], jax.random.fold_in(rng, 2), cfg)
     p_nd = _embed(model, batch["passage_ids"], batch["passage_mask"], jax.random.fold_in(rng, 3), cfg)
     return _loss(q_bd, p_nd, cfg)
@@ -134,3 +134,6 @@ def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainSt
            "skipped": (~finite).astype(jnp.int32), "loss_scale": loss_scale,
            **jax.tree.map(jnp.mean, metrics)}
     return new_state, out
+
+
+jitted_train_step = jax.jit(train_step, static_argnums=2, donate_argnums=0)

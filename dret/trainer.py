@@ -9,6 +9,7 @@ Resume order (automatic when output_dir holds checkpoints and overwrite_output_d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from dret.errors import DretError
 from dret.metrics_log import MetricsLog
 from dret.resources import build_backbone, resolve_train_data
 from dret.sharding import batch_sharding, data_parallel_size, make_mesh, parse_sharding, state_shardings
-from dret.train_step import StepConfig, TrainState, train_step
+from dret.train_step import StepConfig, TrainState, jitted_train_step
 
 log = logging.getLogger(__name__)
 EXPORT_DIR = "export"
@@ -70,7 +71,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _create_state(graphdef, params, frozen, tx, mesh, config) -> TrainState:
+def _create_state(params, frozen, tx, mesh, config) -> TrainState:
     """The train state, born sharded: eval_shape -> shardings -> jit(init, out_shardings=)."""
     stage, offload = parse_sharding(config.sharding)
     fsdp = "fsdp" if stage == "stage3" else None
@@ -104,12 +105,23 @@ def _opt_state_shardings(opt_shapes, params, mesh, fsdp_axes):
     return jax.tree.map(lambda x: by_shape.get(tuple(x.shape), replicated), opt_shapes)
 
 
-def train_and_evaluate(config) -> str:
-    """Runs (or resumes) training; returns the export folder."""
-    validate(config)
-    output_dir = config.output_dir
-    prepare_output_dir(output_dir, config.overwrite_output_dir)
-    is_main = jax.process_index() == 0
+@dataclasses.dataclass
+class Run:
+    """Everything one training run is built from (fresh state; resume replaces `state`)."""
+
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    step_config: StepConfig
+    schedule: optax.Schedule
+    data: TrainData
+    total_steps: int
+    global_batch: int
+    hf_config: dict
+    tokenizer: object
+
+
+def build_run(config) -> Run:
+    """Model (+ LoRA), data, optimizer and the sharded train state, as a fresh run starts."""
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     dtype, param_dtype = precision(config)
     backbone, hf_config, tokenizer = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
@@ -118,7 +130,6 @@ def train_and_evaluate(config) -> str:
                                    dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
                                    seed=config.seed)
     graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
-
     dp = data_parallel_size(mesh)
     global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     data = TrainData(
@@ -131,16 +142,6 @@ def train_and_evaluate(config) -> str:
         process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
     tx, schedule = make_optimizer(config, total_steps)
-    state = _create_state(graphdef, params, frozen, tx, mesh, config)
-    del params, frozen, backbone
-
-    checkpointer = Checkpointer(os.path.join(output_dir, "checkpoints"), max_to_keep=config.save_total_limit)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state, meta = checkpointer.restore(start_step, abstract(state))
-        data.restore(meta["data"])
-        log.info("resumed from %s at step %d", checkpointer.directory, start_step)
-
     # validate() keeps dims <= hidden size; only tiny runs (64 wide) drop the larger ones here.
     matryoshka = tuple((d, w) for d, w in zip(config.matryoshka_dims, config.matryoshka_loss_weights)
                        if d <= hf_config["hidden_size"]) if config.use_matryoshka else ()
@@ -150,8 +151,28 @@ def train_and_evaluate(config) -> str:
         use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
         accumulation=config.gradient_accumulation_steps,
         loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0")
-    step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0)
-    sharding = batch_sharding(mesh)
+    state = _create_state(params, frozen, tx, mesh, config)
+    return Run(mesh=mesh, state=state, step_config=step_config, schedule=schedule, data=data,
+               total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
+
+
+def train_and_evaluate(config) -> str:
+    """Runs (or resumes) training; returns the export folder."""
+    validate(config)
+    output_dir = config.output_dir
+    prepare_output_dir(output_dir, config.overwrite_output_dir)
+    is_main = jax.process_index() == 0
+    run = build_run(config)
+    state, data, total_steps, global_batch = run.state, run.data, run.total_steps, run.global_batch
+
+    checkpointer = Checkpointer(os.path.join(output_dir, "checkpoints"), max_to_keep=config.save_total_limit)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state, meta = checkpointer.restore(start_step, abstract(state))
+        data.restore(meta["data"])
+        log.info("resumed from %s at step %d", checkpointer.directory, start_step)
+
+    sharding = batch_sharding(run.mesh)
     logs = MetricsLog(output_dir, start_step=start_step, total_steps=total_steps, enabled=is_main)
     meta = lambda: {"data": data.state(), "config": config.to_dict()}  # noqa: E731
 
@@ -161,7 +182,7 @@ def train_and_evaluate(config) -> str:
         step, window_start, window_examples, window_tokens = start_step, time.perf_counter(), 0, 0
         for local_batch in data.batches(total_steps - start_step):
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-            state, metrics = step_fn(state, batch, step_config)
+            state, metrics = jitted_train_step(state, batch, run.step_config)
             step += 1
             window_examples += global_batch
             window_tokens += int(local_batch["query_mask"].sum() + local_batch["passage_mask"].sum()) \
@@ -173,7 +194,7 @@ def train_and_evaluate(config) -> str:
                     raise DretError(f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
                                     "lower learning_rate, or use bf16 instead of fp16")
                 seconds = time.perf_counter() - window_start
-                logs.write(step, {**metrics, "learning_rate": schedule(step - 1),
+                logs.write(step, {**metrics, "learning_rate": run.schedule(step - 1),
                                   "examples_per_s": window_examples / seconds,
                                   "tokens_per_s": window_tokens / seconds})
                 window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
@@ -188,7 +209,7 @@ def train_and_evaluate(config) -> str:
         logs.close()
     export_dir = os.path.join(output_dir, EXPORT_DIR)
     if not stop["signal"] and is_main:
-        export(state, graphdef, hf_config, tokenizer, config, export_dir)
+        export(state, run.step_config.graphdef, run.hf_config, run.tokenizer, config, export_dir)
     return export_dir
 
 

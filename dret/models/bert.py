@@ -159,6 +159,11 @@ class BertModel(nnx.Module):
         mask_bt = mask_bt.astype(bool)
         for i, layer in enumerate(self.layers):
             rng = jax.random.fold_in(dropout_rng, i) if dropout_rng is not None else None
-            call = nnx.remat(Layer.__call__) if self.remat else Layer.__call__
-            x_btd = call(layer, x_btd, mask_bt, rng)
+            x_btd = _rematerialised(layer, x_btd, mask_bt, rng) if self.remat else layer(x_btd, mask_bt, rng)
         return x_btd
+
+
+def _rematerialised(layer: Layer, x_btd, mask_bt, rng):
+    """The layer under jax.checkpoint as a pure function of its state (so LoRA adapters work inside it)."""
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda s, x, m, r: nnx.merge(graphdef, s)(x, m, r))(state, x_btd, mask_bt, rng)
