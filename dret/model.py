@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx
-from tqdm.auto import tqdm
 
 from dret import hf_io
 from dret.errors import DretError
+from dret.eval import encode as encode_lib
 
 POOLING_METHODS = ("cls", "mean", "last", "last_8")
 DEFAULT_MAX_LENGTH = 512
@@ -135,21 +135,8 @@ class Embedder:
             raise DretError(f"dim={dim}: expected 1..{self.dim} (the model's embedding size)")
         max_length = max_length or self.max_length
         ids = self.tokenize([instruction + t for t in texts], max_length)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        buckets = length_buckets(max_length)
-        _, state = nnx.split(self.backbone)
-        pad_id = self.tokenizer.pad_token_id or 0
-        out = np.zeros((len(texts), dim or self.dim), np.float32)
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc="encode", disable=not progress or len(starts) <= 1, leave=False):
-            rows = order[start:start + batch_size]
-            t = next(b for b in buckets if b >= len(ids[rows[0]]))
-            n = min(batch_size, 1 << (len(rows) - 1).bit_length())  # pad a short last batch to a power of two
-            ids_bt = np.full((n, t), pad_id, np.int32)
-            mask_bt = np.zeros((n, t), np.int32)
-            for i, r in enumerate(rows):
-                ids_bt[i, :len(ids[r])] = ids[r]
-                mask_bt[i, :len(ids[r])] = 1
-            v = self._jitted(state, ids_bt, mask_bt, pooling=self.pooling, normalize=self.normalize, dim=dim)
-            out[rows] = np.asarray(v)[:len(rows)]
-        return out
+        state = encode_lib.replicate(nnx.split(self.backbone)[1])
+        forward = functools.partial(self._jitted, state, pooling=self.pooling, normalize=self.normalize, dim=dim)
+        return encode_lib.encode_ids(forward, ids, out_dim=dim or self.dim, batch_size=batch_size,
+                                     buckets=length_buckets(max_length), pad_id=self.tokenizer.pad_token_id or 0,
+                                     progress=progress)
