@@ -115,7 +115,7 @@ def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainSt
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(cfg.accumulation)))
     grads = jax.tree.map(lambda g: g / (state.loss_scale * cfg.accumulation), grads)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses))
     updates, new_opt_state = cfg.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -130,10 +130,7 @@ def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainSt
         step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
         loss_scale=loss_scale, finite_run=finite_run,
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-    out = {"loss": losses.mean(), "grad_norm": grad_norm, "param_norm": optax.global_norm(new_state.params),
+    out = {"loss": losses.mean(), "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_state.params),
            "skipped": (~finite).astype(jnp.int32), "loss_scale": loss_scale,
            **jax.tree.map(jnp.mean, metrics)}
     return new_state, out
-
-
-jitted_train_step = jax.jit(train_step, static_argnums=2, donate_argnums=0)

@@ -29,7 +29,7 @@ from dret.errors import DretError
 from dret.metrics_log import MetricsLog
 from dret.resources import build_backbone, resolve_train_data
 from dret.sharding import batch_sharding, data_parallel_size, make_mesh, parse_sharding, state_shardings
-from dret.train_step import StepConfig, TrainState, jitted_train_step
+from dret.train_step import StepConfig, TrainState, train_step
 
 log = logging.getLogger(__name__)
 EXPORT_DIR = "export"
@@ -71,11 +71,10 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _create_state(params, frozen, tx, mesh, config) -> TrainState:
-    """The train state, born sharded: eval_shape -> shardings -> jit(init, out_shardings=)."""
+def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
+    """The train state, born sharded (eval_shape -> shardings -> jit(init, out_shardings=)), and its shardings."""
     stage, offload = parse_sharding(config.sharding)
     fsdp = "fsdp" if stage == "stage3" else None
-    opt_fsdp = ("data", "fsdp") if stage else fsdp
 
     def init(params, frozen):
         return TrainState(
@@ -84,25 +83,12 @@ def _create_state(params, frozen, tx, mesh, config) -> TrainState:
             finite_run=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32))
 
     shapes = jax.eval_shape(init, params, frozen)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shardings = _opt_state_shardings(shapes.opt_state, params, mesh, opt_fsdp)
+    # Optimizer moments are nnx Variables carrying their parameter's logical axes; counts are replicated.
+    opt_shardings = state_shardings(mesh, shapes.opt_state, fsdp_axes=("data", "fsdp") if stage else fsdp)
     if offload:
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
-    shardings = TrainState(
-        step=replicated, params=state_shardings(mesh, params, fsdp_axes=fsdp),
-        frozen=state_shardings(mesh, frozen, fsdp_axes=fsdp), opt_state=opt_shardings, rng=replicated,
-        loss_scale=replicated, finite_run=replicated, nonfinite_run=replicated)
-    return jax.jit(init, out_shardings=shardings)(params, frozen)
-
-
-def _opt_state_shardings(opt_shapes, params, mesh, fsdp_axes):
-    """Moments take their parameter's logical axes; scalars (counts) are replicated."""
-    param_shardings = state_shardings(mesh, params, fsdp_axes=fsdp_axes)
-    by_shape = {}
-    for (path, var), sharding in zip(nnx.to_flat_state(params), jax.tree.leaves(param_shardings)):
-        by_shape.setdefault(tuple(var.shape), sharding)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: by_shape.get(tuple(x.shape), replicated), opt_shapes)
+    shardings = state_shardings(mesh, shapes, fsdp_axes=fsdp).replace(opt_state=opt_shardings)
+    return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
 
 
 @dataclasses.dataclass
@@ -111,6 +97,7 @@ class Run:
 
     mesh: jax.sharding.Mesh
     state: TrainState
+    step_fn: object  # jit(train_step) with the state's shardings fixed, so it compiles once
     step_config: StepConfig
     schedule: optax.Schedule
     data: TrainData
@@ -151,8 +138,10 @@ def build_run(config) -> Run:
         use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
         accumulation=config.gradient_accumulation_steps,
         loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0")
-    state = _create_state(params, frozen, tx, mesh, config)
-    return Run(mesh=mesh, state=state, step_config=step_config, schedule=schedule, data=data,
+    state, shardings = _create_state(params, frozen, tx, mesh, config)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
+    return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
                total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
 
 
@@ -182,7 +171,7 @@ def train_and_evaluate(config) -> str:
         step, window_start, window_examples, window_tokens = start_step, time.perf_counter(), 0, 0
         for local_batch in data.batches(total_steps - start_step):
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-            state, metrics = jitted_train_step(state, batch, run.step_config)
+            state, metrics = run.step_fn(state, batch, run.step_config)
             step += 1
             window_examples += global_batch
             window_tokens += int(local_batch["query_mask"].sum() + local_batch["passage_mask"].sum()) \
@@ -209,17 +198,17 @@ def train_and_evaluate(config) -> str:
         logs.close()
     export_dir = os.path.join(output_dir, EXPORT_DIR)
     if not stop["signal"] and is_main:
-        export(state, run.step_config.graphdef, run.hf_config, run.tokenizer, config, export_dir)
+        model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
+        export(model, run.hf_config, run.tokenizer, config, export_dir)
     return export_dir
 
 
-def export(state: TrainState, graphdef, hf_config, tokenizer, config, export_dir: str) -> None:
+def export(model, hf_config, tokenizer, config, export_dir: str) -> None:
     """The trained backbone (LoRA merged) as an HF / sentence-transformers folder, replacing an older export."""
-    model = nnx.merge(graphdef, state.params, state.frozen)
     if config.fine_tune_type == "lora":
         plain = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32, abstract=True)[0]
-        gd, _ = nnx.split(plain)
-        model = nnx.merge(gd, peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha))
+        model = nnx.merge(nnx.split(plain)[0], peft.merged_params(model, rank=config.lora_rank,
+                                                                  alpha=config.lora_alpha))
     staging = f"{export_dir}.new"
     shutil.rmtree(staging, ignore_errors=True)
     hf_io.export(model, hf_config, tokenizer, staging, pooling=config.sentence_pooling_method,

@@ -1,0 +1,73 @@
+"""`python -m dret.export --checkpoint OUTPUT_DIR [--step N] --out DIR`: a saved checkpoint -> HF folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+
+from dret import peft
+from dret.checkpoint import Checkpointer
+from dret.errors import DretError
+from dret.resources import build_backbone
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training output_dir (holding checkpoints/)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step; default the latest")
+_OUT = flags.DEFINE_string("out", None, "the new HF / sentence-transformers folder")
+
+
+def _unbox(tree):
+    """Saved nnx Variables are {'value': array}: strip that level to get a pure dict."""
+    if isinstance(tree, dict):
+        return tree["value"] if set(tree) == {"value"} else {k: _unbox(v) for k, v in tree.items()}
+    return tree
+
+
+def load_checkpoint(output_dir: str, step: int | None = None):
+    """(backbone with the checkpoint's weights, HF config, tokenizer, run config, step) of a training run."""
+    directory = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise DretError(f"{output_dir} holds no checkpoints/ folder: expected a dret training output_dir")
+    checkpointer = Checkpointer(directory, max_to_keep=None)
+    steps = checkpointer.all_steps()
+    if not steps or (step is not None and step not in steps):
+        raise DretError(f"{directory}: no checkpoint at step {step if step is not None else 'any'}; saved: {steps}")
+    step = step if step is not None else max(steps)
+    config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+    backbone, hf_config, tokenizer = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32)
+    if config.fine_tune_type == "lora":
+        backbone = peft.apply_lora(backbone, rank=config.lora_rank, alpha=config.lora_alpha,
+                                   dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
+                                   seed=config.seed)
+    graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
+    saved = checkpointer.restore_raw(step)
+    checkpointer.close()
+    nnx.replace_by_pure_dict(params, _unbox(saved["params"]))
+    nnx.replace_by_pure_dict(frozen, _unbox(saved["frozen"]))
+    return nnx.merge(graphdef, params, frozen), hf_config, tokenizer, config, step
+
+
+def main(argv) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from dret.trainer import export
+
+    try:
+        if not _CHECKPOINT.value or not _OUT.value:
+            raise DretError("--checkpoint and --out are required")
+        if os.path.exists(_OUT.value):
+            raise DretError(f"{_OUT.value} already exists: choose a new folder")
+        model, hf_config, tokenizer, config, step = load_checkpoint(_CHECKPOINT.value, _STEP.value)
+        export(model, hf_config, tokenizer, config, _OUT.value)
+    except DretError as e:
+        sys.exit(f"dret: {e}")
+    print(f"exported step {step} of {_CHECKPOINT.value} to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

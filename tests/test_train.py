@@ -1,0 +1,147 @@
+"""Training: compile once, what trains, exact resume after SIGKILL, SIGTERM, CLI, export."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from dret import peft
+from dret.export import load_checkpoint
+from dret.trainer import build_run, train_and_evaluate
+from tests.train_util import ROOT, run_train, tiny_config, train_command
+
+
+def steps(run, n):
+    """n steps of a fresh run, as the trainer feeds them."""
+    from dret.sharding import batch_sharding
+
+    state, sharding = run.state, batch_sharding(run.mesh)
+    for batch in run.data.batches(n):
+        batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        state, metrics = run.step_fn(state, batch, run.step_config)
+    return state, jax.device_get(metrics)
+
+
+def flat(state) -> dict:
+    return {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)}
+
+
+def test_step_compiles_once_over_three_steps(tmp_path):
+    run = build_run(tiny_config(tmp_path))
+    _, metrics = steps(run, 3)
+    assert run.step_fn._cache_size() == 1
+    assert {"loss", "accuracy", "grad_norm", "param_norm", "skipped"} <= set(metrics)
+    assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0
+
+
+def test_bitfit_trains_only_biases(tmp_path):
+    run = build_run(tiny_config(tmp_path, fine_tune_type="bitfit"))
+    before_params, before_frozen = flat(run.state.params), flat(run.state.frozen)
+    state, _ = steps(run, 2)
+    after_params, after_frozen = flat(state.params), flat(state.frozen)
+    assert before_params and all(path[-1] == "bias" for path in before_params)
+    assert all(np.array_equal(before_frozen[p], after_frozen[p]) for p in before_frozen)
+    assert any(p[-1] == "kernel" for p in before_frozen)
+    changed = [p for p in before_params if not np.array_equal(before_params[p], after_params[p])]
+    assert len(changed) > len(before_params) // 2
+
+
+def test_lora_trains_only_adapters_and_merges(tmp_path):
+    config = tiny_config(tmp_path, fine_tune_type="lora", lora_rank=4, lora_alpha=8,
+                         lora_target_modules=("query", "value"))
+    run = build_run(config)
+    before_params, before_frozen = flat(run.state.params), flat(run.state.frozen)
+    state, _ = steps(run, 2)
+    after_params, after_frozen = flat(state.params), flat(state.frozen)
+    assert set(p[-1] for p in before_params) == {"kernel_lora_a", "kernel_lora_b"}
+    assert {p[-2] for p in before_params} == {"query", "value"}
+    assert all(np.array_equal(before_frozen[p], after_frozen[p]) for p in before_frozen)
+    assert all(not np.array_equal(before_params[p], after_params[p]) for p in before_params
+               if p[-1] == "kernel_lora_b")
+    model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
+    merged = flat(peft.merged_params(model, rank=4, alpha=8))
+    q = ("layers", 0, "query")
+    expected = (after_frozen[q + ("kernel",)]
+                + after_params[q + ("kernel_lora_a",)] @ after_params[q + ("kernel_lora_b",)] * 2.0)
+    np.testing.assert_allclose(merged[q + ("kernel",)], expected, rtol=1e-6)
+    assert not any("lora" in str(p[-1]) for p in merged)
+
+
+def exported(output_dir) -> dict:
+    return safetensors.numpy.load_file(os.path.join(output_dir, "export", "model.safetensors"))
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    config = tiny_config(tmp_path / "a", max_steps=16, save_steps=2, logging_steps=2, passage_max_len=64)
+    train_and_evaluate(config)
+    reference = exported(config.output_dir)
+
+    config.output_dir = str(tmp_path / "b" / "run")
+    process = subprocess.Popen(train_command(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = os.path.join(config.output_dir, "checkpoints")
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+    assert saved and max(saved) < 16, saved
+    assert not os.path.exists(os.path.join(config.output_dir, "export"))
+
+    resumed = run_train(config, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = exported(config.output_dir)
+    assert all(np.array_equal(again[k], reference[k]) for k in reference)
+    rows = [json.loads(line)["step"] for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    assert rows == sorted(set(rows)) and rows[-1] == 16
+
+
+def test_sigterm_saves_then_resume_finishes(tmp_path):
+    config = tiny_config(tmp_path, max_steps=400, save_steps=1000, logging_steps=1000)
+    process = subprocess.Popen(train_command(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    metrics_started = os.path.join(config.output_dir, "tensorboard")
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.isdir(metrics_started):
+        time.sleep(0.05)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 0, stderr[-2000:]
+    assert "SIGTERM" in stderr
+    saved = [int(n) for n in os.listdir(os.path.join(config.output_dir, "checkpoints")) if n.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 400
+    assert not os.path.exists(os.path.join(config.output_dir, "export"))
+
+
+def test_rocketqa_tiny_cli_writes_checkpoints_and_export(tmp_path):
+    out = tmp_path / "rq"
+    result = subprocess.run(
+        [*train_command(tiny_config(tmp_path))[:3], "--config", os.path.join(ROOT, "ml_configs", "rocketqa.py"),
+         "--config.tiny=True", f"--config.output_dir={out}", "--config.max_steps=2", "--config.save_steps=1",
+         "--config.per_device_train_batch_size=1", "--config.passage_max_len=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
+    assert (out / "export" / "model.safetensors").exists() and (out / "export" / "modules.json").exists()
+
+
+def test_export_cli_matches_end_of_training_export(tmp_path):
+    config = tiny_config(tmp_path, fine_tune_type="lora", lora_rank=4, max_steps=2)
+    train_and_evaluate(config)
+    model, *_ , step = load_checkpoint(config.output_dir)
+    assert step == 2
+    out = tmp_path / "exported"
+    result = subprocess.run([*train_command(config)[:2], "dret.export", f"--checkpoint={config.output_dir}",
+                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = safetensors.numpy.load_file(str(out / "model.safetensors")), exported(config.output_dir)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
