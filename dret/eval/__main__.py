@@ -1,0 +1,118 @@
+"""`python -m dret.eval --model DIR --data BEIR_DIR [--split test]` (or --t2ranking / --msmarco_title / --mteb):
+encode, search, score; writes output_folder/<dataset>.json and prints a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from dret.errors import DretError
+from dret.eval import cache, datasets, model_dir
+from dret.eval.run import EvalOptions, evaluate_retrieval
+
+TABLE_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "map_at_10", "precision_at_10", "recall_at_100",
+                 "recall_at_1000")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dret.eval", description=__doc__)
+    p.add_argument("--model", required=True, help="HF / sentence-transformers folder, or a dret training output_dir")
+    p.add_argument("--step", type=int, help="checkpoint step of a training output_dir (default: the latest)")
+    data = p.add_argument_group("data (one or more)")
+    data.add_argument("--data", action="append", default=[], help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
+    data.add_argument("--t2ranking", help="folder with T2Ranking's collection / queries / qrels tsv files")
+    data.add_argument("--msmarco_title", help="folder with MS MARCO corpus.tsv (pid, title, text), queries, qrels")
+    data.add_argument("--mteb", help="mteb task names, comma-separated (run by mteb itself)")
+    data.add_argument("--split", help="qrels split (default: test for BEIR, dev for T2Ranking / MS MARCO)")
+    m = p.add_argument_group("model options (the reference's names)")
+    m.add_argument("--pooling_method", choices=("cls", "mean", "last", "last_8"),
+                   help="default: the model folder's sentence-transformers config")
+    m.add_argument("--query_instruction", default="")
+    m.add_argument("--document_instruction", default="")
+    m.add_argument("--max_seq_length", type=int, help="both max lengths (default: the model's)")
+    m.add_argument("--query_max_length", type=int)
+    m.add_argument("--passage_max_length", type=int)
+    m.add_argument("--eval_batch_size", type=int, default=64)
+    m.add_argument("--pad_token")
+    m.add_argument("--padding_side", choices=("right", "left"))
+    m.add_argument("--add_bos_token", type=int, choices=(0, 1))
+    m.add_argument("--add_eos_token", type=int, choices=(0, 1))
+    m.add_argument("--dim", type=int, help="Matryoshka truncation of the embeddings")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s = p.add_argument_group("search and output")
+    s.add_argument("--top_k", type=int, default=1000)
+    s.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat",
+                   help="faiss index; ivf / hnsw also report their recall against exact search")
+    s.add_argument("--nlist", type=int, default=0)
+    s.add_argument("--nprobe", type=int, default=32)
+    s.add_argument("--shard_size", type=int, default=1_000_000, help="passages encoded and searched at a time")
+    s.add_argument("--cache_dir", default=cache.default_dir(), help="corpus embedding cache ($DRET_CACHE)")
+    s.add_argument("--no_cache", action="store_true")
+    s.add_argument("--output_folder", default="eval_results")
+    return p.parse_args(argv)
+
+
+def markdown_table(results: list[dict]) -> str:
+    names = [m for m in TABLE_METRICS if any(m in r for r in results)]
+    lines = ["| dataset | " + " | ".join(names) + " | seconds |", "|---" * (len(names) + 2) + "|"]
+    for r in results:
+        cells = [f"{100 * r[m]:.2f}" if m in r else "" for m in names]
+        lines.append(f"| {r['dataset']} | " + " | ".join(cells) + f" | {r['total_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _local_sets(args) -> list:
+    sets = [datasets.load_beir(d, args.split or "test") for d in args.data]
+    if args.t2ranking:
+        sets.append(datasets.load_t2ranking(args.t2ranking, args.split or "dev"))
+    if args.msmarco_title:
+        sets.append(datasets.load_msmarco_title(args.msmarco_title, args.split or "dev"))
+    return sets
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if not (args.data or args.t2ranking or args.msmarco_title or args.mteb):
+        raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR or --mteb TASK")
+    load, model_key = model_dir.resolve(args.model, pooling=args.pooling_method, dtype=args.dtype, step=args.step,
+                                        pad_token=args.pad_token, padding_side=args.padding_side,
+                                        add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token)
+    opts = EvalOptions(query_instruction=args.query_instruction, document_instruction=args.document_instruction,
+                       query_max_length=args.query_max_length or args.max_seq_length,
+                       passage_max_length=args.passage_max_length or args.max_seq_length,
+                       eval_batch_size=args.eval_batch_size, dim=args.dim, top_k=args.top_k, index=args.index,
+                       nlist=args.nlist, nprobe=args.nprobe, shard_size=args.shard_size,
+                       cache_dir=None if args.no_cache else args.cache_dir)
+    embedder = []  # loaded once, shared by every data set
+
+    def get_embedder():
+        if not embedder:
+            embedder.append(load())
+        return embedder[0]
+
+    results = []
+    for data in _local_sets(args):
+        result = evaluate_retrieval(get_embedder, data, opts, model_key)
+        result.update(model=os.path.abspath(args.model), split=args.split, dtype=args.dtype,
+                      options={k: v for k, v in vars(args).items() if k not in ("data", "model")})
+        results.append(result)
+    if args.mteb:
+        from dret.eval.mteb_model import run_mteb_tasks
+        results += run_mteb_tasks(get_embedder(), args.mteb.split(","), opts, args.output_folder)
+    os.makedirs(args.output_folder, exist_ok=True)
+    for r in results:
+        with open(os.path.join(args.output_folder, f"{r['dataset']}.json"), "w") as f:
+            json.dump(r, f, indent=1)
+    print(markdown_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    try:
+        main()
+    except DretError as e:
+        sys.exit(f"dret: {e}")
