@@ -96,3 +96,15 @@ def test_cli_writes_json_and_reuses_the_cache(tmp_path, shared_data, minilm_dir,
     assert second["ndcg_at_10"] == first["ndcg_at_10"]
     third = eval_main(argv + ["--query_instruction", "query: "])[0]  # a changed option re-encodes the queries only
     assert third["cache_hits"] == 1
+
+
+def test_mteb_on_the_same_local_data_agrees(encoded):
+    from dret.eval.mteb_model import MtebModel, evaluate_tasks, local_task
+
+    data = encoded["cisi"][0]
+    embedder = Lookup(*encoded["cisi"])
+    embedder.dim, embedder.max_length = 384, MAX_LENGTH
+    ours = run.evaluate_retrieval(lambda: embedder, data, run.EvalOptions(top_k=100, progress=False))
+    theirs = evaluate_tasks(MtebModel(embedder), [local_task(data)])[0]
+    for k in ("ndcg_at_10", "mrr_at_10", "map_at_10", "recall_at_10", "recall_at_100", "precision_at_10"):
+        assert theirs[k] == pytest.approx(ours[k], abs=1e-5), k  # mteb rounds to 5 decimals

@@ -1,0 +1,99 @@
+"""mteb 2 bridge: an Embedder as an mteb EncoderProtocol model, a local `Retrieval` as an mteb retrieval task
+(offline: no hub), and `--mteb TASK` runs. mteb (and torch) are imported only here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dret.eval.datasets import Retrieval
+
+
+class MtebModel:
+    """What mteb.evaluate needs: mteb_model_meta, encode(DataLoader of {"text": [...]}), similarity(_pairwise)."""
+
+    def __init__(self, embedder, *, name: str = "dret/model", query_instruction: str = "",
+                 document_instruction: str = "", query_max_length: int | None = None,
+                 passage_max_length: int | None = None, batch_size: int = 64, dim: int | None = None,
+                 progress: bool = False):
+        from mteb.models.model_meta import ModelMeta
+
+        self.embedder, self.dim, self.batch_size, self.progress = embedder, dim, batch_size, progress
+        self.cosine = getattr(embedder, "normalize", True)  # score like dret's search: cosine iff vectors are unit
+        self.query = (query_instruction, query_max_length)
+        self.document = (document_instruction, passage_max_length)
+        self.mteb_model_meta = ModelMeta.create_empty({
+            "name": name, "embed_dim": dim or embedder.dim, "max_tokens": embedder.max_length,
+            "similarity_fn_name": "cosine" if self.cosine else "dot", "framework": ["JAX"], "modalities": ["text"]})
+
+    def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs):
+        """Texts of every batch -> float32 [N, d]; queries get the query instruction and max length."""
+        texts = [t for batch in inputs for t in batch["text"]]
+        is_query = prompt_type is not None and str(getattr(prompt_type, "value", prompt_type)) == "query"
+        instruction, max_length = self.query if is_query else self.document
+        return self.embedder.encode(texts, batch_size=self.batch_size, max_length=max_length,
+                                    instruction=instruction, dim=self.dim, progress=self.progress)
+
+    def _unit(self, x_nd) -> np.ndarray:
+        x_nd = np.asarray(x_nd, np.float32)
+        return x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-12) if self.cosine else x_nd
+
+    def similarity(self, a_nd, b_md):
+        """Cosine (dot product for unnormalised models) similarity [N, M], a torch tensor like sentence-transformers."""
+        import torch
+        return torch.from_numpy(self._unit(a_nd) @ self._unit(b_md).T)
+
+    def similarity_pairwise(self, a_nd, b_nd):
+        import torch
+        return torch.from_numpy((self._unit(a_nd) * self._unit(b_nd)).sum(-1))
+
+
+def local_task(data: Retrieval, split: str = "test"):
+    """A `Retrieval` as an mteb AbsTaskRetrieval instance: mteb scores it with its own search and metrics."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    class LocalRetrieval(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name=data.name, type="Retrieval", main_score="ndcg_at_10", description=f"local folder {data.name}",
+            reference=None, dataset={"path": f"local/{data.name}", "revision": "local"}, category="t2t",
+            eval_splits=[split], eval_langs=["eng-Latn"], modalities=["text"], date=None, domains=None,
+            task_subtypes=None, license=None, annotations_creators=None, dialect=None, sample_creation=None,
+            bibtex_citation="")
+
+        def load_data(self, **kwargs) -> None:
+            corpus = Dataset.from_dict({"id": data.corpus_ids, "text": data.corpus_texts})
+            queries = Dataset.from_dict({"id": data.query_ids, "text": data.query_texts})
+            self.dataset = {"default": {split: {"corpus": corpus, "queries": queries, "relevant_docs": data.qrels,
+                                                "top_ranked": None}}}
+            self.data_loaded = True
+
+    return LocalRetrieval()
+
+
+def scores(model_result) -> list[dict]:
+    """mteb.evaluate's ModelResult -> one flat dict per task and split (our metric names, fractions)."""
+    out = []
+    for task_result in model_result.task_results:
+        for split, rows in task_result.scores.items():
+            for row in rows:
+                flat = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+                out.append({"dataset": task_result.task_name, "split": split, **flat,
+                            "total_seconds": task_result.evaluation_time or 0.0})
+    return out
+
+
+def evaluate_tasks(model: MtebModel, tasks) -> list[dict]:
+    """mteb.evaluate on task objects, no result cache (a re-run always re-scores)."""
+    import mteb
+    return scores(mteb.evaluate(model, tasks, cache=None, show_progress_bar=False))
+
+
+def run_mteb_tasks(embedder, names: list[str], opts, output_folder: str) -> list[dict]:
+    """`--mteb A,B`: mteb's own tasks (their data come from the HF hub or its cache)."""
+    import mteb
+    model = MtebModel(embedder, query_instruction=opts.query_instruction,
+                      document_instruction=opts.document_instruction, query_max_length=opts.query_max_length,
+                      passage_max_length=opts.passage_max_length, batch_size=opts.eval_batch_size, dim=opts.dim,
+                      progress=opts.progress)
+    return evaluate_tasks(model, mteb.get_tasks(tasks=[n.strip() for n in names if n.strip()]))
