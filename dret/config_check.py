@@ -28,7 +28,7 @@ def validate(config) -> None:
     _require(not (c.fp16 and c.bf16), "fp16 and bf16 are both set: choose one")
     _require(c.fp16_opt_level in ("O0", "O1", "O2"), f"fp16_opt_level={c.fp16_opt_level!r}: expected O0, O1 or O2")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "train_group_size", "save_steps",
-                 "logging_steps", "save_total_limit", "max_nonfinite_steps", "max_example_num_per_dataset"):
+                 "logging_steps", "save_total_limit", "eval_steps", "max_nonfinite_steps", "max_example_num_per_dataset"):
         _require(c[name] >= 1, f"{name}={c[name]}: expected >= 1")
     _require(c.num_train_epochs >= 1 or c.max_steps > 0, "num_train_epochs < 1 and max_steps <= 0: nothing to train")
     _require(c.temperature > 0, f"temperature={c.temperature}: expected > 0")
@@ -39,6 +39,7 @@ def validate(config) -> None:
              f"set train_group_size=1 (it is {c.train_group_size})")
     _require(c.train_group_size > 1 or c.per_device_train_batch_size > 1 or c.negatives_cross_device,
              "train_group_size=1 with one query per device and no negatives_cross_device leaves no negatives")
+    _require(not c.eval_data or os.path.isdir(c.eval_data), f"eval_data={c.eval_data!r} is not a folder (BEIR layout)")
     if c.fine_tune_type == "lora":
         unknown = sorted(set(c.lora_target_modules) - set(LORA_MODULES))
         _require(not unknown, f"lora_target_modules {unknown} are not modules of the encoder ({LORA_MODULES})")

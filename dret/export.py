@@ -55,7 +55,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from dret.trainer import export
+    from dret.trainer import export, inference_embedder
 
     try:
         if not _CHECKPOINT.value or not _OUT.value:
@@ -63,7 +63,7 @@ def main(argv) -> None:
         if os.path.exists(_OUT.value):
             raise DretError(f"{_OUT.value} already exists: choose a new folder")
         model, hf_config, tokenizer, config, step = load_checkpoint(_CHECKPOINT.value, _STEP.value)
-        export(model, hf_config, tokenizer, config, _OUT.value)
+        export(inference_embedder(model, hf_config, tokenizer, config), _OUT.value)
     except DretError as e:
         sys.exit(f"dret: {e}")
     print(f"exported step {step} of {_CHECKPOINT.value} to {_OUT.value}")

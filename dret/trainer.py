@@ -21,18 +21,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dret import hf_io, peft
+from dret import peft
 from dret.checkpoint import Checkpointer, abstract
 from dret.config_check import validate
 from dret.data import TrainData
 from dret.errors import DretError
+from dret.eval.run import evaluate_beir
 from dret.metrics_log import MetricsLog
+from dret.model import Embedder
 from dret.resources import build_backbone, resolve_train_data
 from dret.sharding import batch_sharding, data_parallel_size, make_mesh, parse_sharding, state_shardings
 from dret.train_step import StepConfig, TrainState, train_step
 
 log = logging.getLogger(__name__)
 EXPORT_DIR = "export"
+EVAL_LOGGED = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")
 
 
 def precision(config) -> tuple:
@@ -187,6 +190,10 @@ def train_and_evaluate(config) -> str:
                                   "examples_per_s": window_examples / seconds,
                                   "tokens_per_s": window_tokens / seconds})
                 window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+            if config.eval_data and (step % config.eval_steps == 0 or step == total_steps):
+                model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
+                logs.write(step, evaluate_during_training(
+                    inference_embedder(model, run.hf_config, run.tokenizer, config), config))
             if step % config.save_steps == 0 or step == total_steps or stop["signal"]:
                 checkpointer.save(step, state, meta())
             if stop["signal"]:
@@ -199,19 +206,33 @@ def train_and_evaluate(config) -> str:
     export_dir = os.path.join(output_dir, EXPORT_DIR)
     if not stop["signal"] and is_main:
         model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
-        export(model, run.hf_config, run.tokenizer, config, export_dir)
+        export(inference_embedder(model, run.hf_config, run.tokenizer, config), export_dir)
     return export_dir
 
 
-def export(model, hf_config, tokenizer, config, export_dir: str) -> None:
-    """The trained backbone (LoRA merged) as an HF / sentence-transformers folder, replacing an older export."""
-    if config.fine_tune_type == "lora":
-        plain = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32, abstract=True)[0]
-        model = nnx.merge(nnx.split(plain)[0], peft.merged_params(model, rank=config.lora_rank,
-                                                                  alpha=config.lora_alpha))
+def inference_embedder(model, hf_config, tokenizer, config) -> Embedder:
+    """The trained backbone as a float32 Embedder with LoRA adapters merged (for export and in-training eval)."""
+    plain = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32, abstract=True)[0]
+    params = (peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha)
+              if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
+    backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    return Embedder(backbone, tokenizer, hf_config, pooling=config.sentence_pooling_method,
+                    normalize=config.normalized, max_length=config.passage_max_len)
+
+
+def evaluate_during_training(embedder: Embedder, config) -> dict[str, float]:
+    """config.eval_data (a BEIR folder) through dret.eval, as `eval_<metric>` values for the training log."""
+    results = evaluate_beir(embedder, config.eval_data, config.eval_split, top_k=100,
+                            query_instruction=config.query_instruction_for_retrieval,
+                            document_instruction=config.passage_instruction_for_retrieval,
+                            query_max_length=config.query_max_len, passage_max_length=config.passage_max_len)
+    return {f"eval_{k}": results[k] for k in EVAL_LOGGED}
+
+
+def export(embedder: Embedder, export_dir: str) -> None:
+    """An HF / sentence-transformers folder, replacing an older export only once the new one is complete."""
     staging = f"{export_dir}.new"
     shutil.rmtree(staging, ignore_errors=True)
-    hf_io.export(model, hf_config, tokenizer, staging, pooling=config.sentence_pooling_method,
-                 normalize=config.normalized, max_seq_length=config.passage_max_len)
+    embedder.save(staging)
     shutil.rmtree(export_dir, ignore_errors=True)
     os.rename(staging, export_dir)

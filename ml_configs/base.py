@@ -60,5 +60,8 @@ def get_config(arg=None):
     c.save_steps = 500  # checkpoint every N optimizer steps (and at the end)
     c.save_total_limit = 3  # checkpoints kept
     c.logging_steps = 10  # a log line, metrics.jsonl row and TensorBoard scalars every N steps
+    c.eval_data = ""  # a BEIR folder evaluated during training (metrics logged as eval_*); "" = none
+    c.eval_split = "test"  # its qrels/<split>.tsv
+    c.eval_steps = 100  # evaluate every N steps and at the end
     c.tiny = False  # random 2-layer, 64-wide model of the same family; built-in data when train_data is absent
     return c

@@ -145,3 +145,21 @@ def test_export_cli_matches_end_of_training_export(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = safetensors.numpy.load_file(str(out / "model.safetensors")), exported(config.output_dir)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_eval_hook_logs_beir_metrics(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [f"document {i} about topic {i % 5}" for i in range(30)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                               for i, t in enumerate(docs)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
+                                                for i in range(5)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n"
+                                                                                  for i in range(5)))
+    config = tiny_config(tmp_path, eval_data=str(beir), eval_steps=2, max_steps=4)
+    train_and_evaluate(config)
+    rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval_ndcg_at_10" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["eval_ndcg_at_10"] <= 1 for r in evals)
