@@ -30,7 +30,8 @@ from dret.eval.run import evaluate_beir
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
 from dret.resources import build_backbone, resolve_train_data
-from dret.sharding import batch_sharding, data_parallel_size, make_mesh, parse_sharding, state_shardings
+from dret.sharding import (OFFLOAD_MEMORY, batch_sharding, data_parallel_size, grad_shardings, make_mesh, opt_axes,
+                           param_axes, parse_sharding, state_shardings)
 from dret.train_step import StepConfig, TrainState, train_step
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
 def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
     """The train state, born sharded (eval_shape -> shardings -> jit(init, out_shardings=)), and its shardings."""
     stage, offload = parse_sharding(config.sharding)
-    fsdp = "fsdp" if stage == "stage3" else None
 
     def init(params, frozen):
         return TrainState(
@@ -87,10 +87,10 @@ def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainSt
 
     shapes = jax.eval_shape(init, params, frozen)
     # Optimizer moments are nnx Variables carrying their parameter's logical axes; counts are replicated.
-    opt_shardings = state_shardings(mesh, shapes.opt_state, fsdp_axes=("data", "fsdp") if stage else fsdp)
+    opt_shardings = state_shardings(mesh, shapes.opt_state, fsdp_axes=opt_axes(stage))
     if offload:
-        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
-    shardings = state_shardings(mesh, shapes, fsdp_axes=fsdp).replace(opt_state=opt_shardings)
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(OFFLOAD_MEMORY), opt_shardings)
+    shardings = state_shardings(mesh, shapes, fsdp_axes=param_axes(stage)).replace(opt_state=opt_shardings)
     return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
 
 
@@ -110,9 +110,9 @@ class Run:
     tokenizer: object
 
 
-def build_run(config) -> Run:
-    """Model (+ LoRA), data, optimizer and the sharded train state, as a fresh run starts."""
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def build_run(config, devices=None) -> Run:
+    """Model (+ LoRA), data, optimizer and the sharded train state, as a fresh run starts (on `devices`, default all)."""
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     dtype, param_dtype = precision(config)
     backbone, hf_config, tokenizer = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
     if config.fine_tune_type == "lora":
@@ -140,7 +140,8 @@ def build_run(config) -> Run:
         group_size=config.train_group_size, temperature=config.temperature, margin=config.margin,
         use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
         accumulation=config.gradient_accumulation_steps,
-        loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0")
+        loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0",
+        grad_shardings=grad_shardings(mesh, params, parse_sharding(config.sharding)[0]))
     state, shardings = _create_state(params, frozen, tx, mesh, config)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
@@ -180,11 +181,11 @@ def train_and_evaluate(config) -> str:
             window_tokens += int(local_batch["query_mask"].sum() + local_batch["passage_mask"].sum()) \
                 * jax.process_count()
             logs.advance()
+            if int(state.nonfinite_run) >= config.max_nonfinite_steps:  # each was skipped; the state is sound
+                raise DretError(f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
+                                "lower learning_rate, or use bf16 instead of fp16")
             if step % config.logging_steps == 0 or step == total_steps:
                 metrics = jax.device_get(metrics)
-                if int(jax.device_get(state.nonfinite_run)) >= config.max_nonfinite_steps:
-                    raise DretError(f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
-                                    "lower learning_rate, or use bf16 instead of fp16")
                 seconds = time.perf_counter() - window_start
                 logs.write(step, {**metrics, "learning_rate": run.schedule(step - 1),
                                   "examples_per_s": window_examples / seconds,
