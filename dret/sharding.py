@@ -6,6 +6,8 @@ Model code names logical axes ('embed', 'mlp', ...); `RULES` maps each to mesh a
   stage2  + gradients sharded the same way
   stage3  + parameters sharded over 'fsdp' (FSDP)
   offload optimizer state kept in host memory ('pinned_host'), with any stage
+Stages split the 'embed' axis: variables without one (layer norms, biases of 'heads' / 'mlp') stay
+replicated over ('data', 'fsdp'), as does any axis that does not divide evenly.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dret.errors import DretError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 STAGES = ("", "stage1", "stage2", "stage3")
+OFFLOAD_MEMORY = "pinned_host"
 
 # logical axis -> mesh axis for parameters that are not FSDP-sharded; 'embed' is the FSDP axis.
 RULES = {
@@ -89,6 +92,33 @@ def state_shardings(mesh, abstract_state, *, fsdp_axes):
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_axes(stage: str):
+    """Mesh axes of the parameters' 'embed' dimension: 'fsdp' under stage3, else replicated."""
+    return "fsdp" if stage == "stage3" else None
+
+
+def opt_axes(stage: str):
+    """Mesh axes of the optimizer state's (and stage2/3 gradients') 'embed' dimension."""
+    return BATCH if stage else None
+
+
+def grad_shardings(mesh, params, stage: str) -> tuple | None:
+    """Stage2/3: the gradients' shardings (flat, in leaf order; laid out like the optimizer moments).
+
+    None leaves the layout to XLA (replicated like the parameters under stage1 and below).
+    """
+    if stage not in ("stage2", "stage3"):
+        return None
+    return tuple(jax.tree.leaves(state_shardings(mesh, params, fsdp_axes=opt_axes(stage))))
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`."""
+    shapes = jax.tree.leaves(tree)
+    return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(shapes, jax.tree.leaves(shardings), strict=True))
 
 
 def _axis_size(mesh, axes) -> int:

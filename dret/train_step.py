@@ -51,6 +51,8 @@ class StepConfig:
     accumulation: int
     loss_shards: int  # 1 = negatives from the global batch; n = each data shard scores its own passages
     fp16: bool
+    grad_shardings: tuple | None = None  # stage2/3: the gradients' flat shardings (dret.sharding.grad_shardings)
+    opt_device_shardings: tuple | None = None  # offload: the host-resident optimizer state's flat device shardings
 
 
 def _embed(model, ids_bt, mask_bt, rng, cfg: StepConfig):
@@ -96,6 +98,14 @@ def split_micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _place(tree, shardings: tuple | None, put=jax.lax.with_sharding_constraint):
+    """`put(leaf, sharding)` for each leaf of `tree` and its flat `shardings` (None: `tree` as it is)."""
+    if shardings is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [put(x, s) for x, s in zip(leaves, shardings, strict=True)])
+
+
 def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     micro = split_micro_batches(batch, cfg.accumulation)
@@ -109,15 +119,16 @@ def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainSt
     def accumulate(grads_sum, xs):
         micro_batch, index = xs
         grads, aux = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, grads_sum, grads), aux
+        return _place(jax.tree.map(jnp.add, grads_sum, grads), cfg.grad_shardings), aux
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = _place(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), cfg.grad_shardings)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(cfg.accumulation)))
     grads = jax.tree.map(lambda g: g / (state.loss_scale * cfg.accumulation), grads)
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses))
-    updates, new_opt_state = cfg.tx.update(grads, state.opt_state, state.params)
+    opt_state = _place(state.opt_state, cfg.opt_device_shardings, jax.device_put)  # offload: host -> device
+    updates, new_opt_state = cfg.tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
 
@@ -127,7 +138,7 @@ def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainSt
         loss_scale = jnp.where(finite, jnp.where(grow, loss_scale * 2, loss_scale), loss_scale / 2)
         finite_run = jnp.where(grow, 0, finite_run)
     new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt_state, opt_state),
         loss_scale=loss_scale, finite_run=finite_run,
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
     out = {"loss": losses.mean(), "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_state.params),

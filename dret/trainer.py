@@ -143,6 +143,9 @@ def build_run(config, devices=None) -> Run:
         loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0",
         grad_shardings=grad_shardings(mesh, params, parse_sharding(config.sharding)[0]))
     state, shardings = _create_state(params, frozen, tx, mesh, config)
+    if parse_sharding(config.sharding)[1]:  # offload: the step moves the optimizer state to the device and back
+        step_config = dataclasses.replace(step_config, opt_device_shardings=tuple(
+            s.with_memory_kind(mesh.devices.flat[0].default_memory().kind) for s in jax.tree.leaves(shardings.opt_state)))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
     return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
