@@ -11,6 +11,9 @@ from dret.errors import DretError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
 flags.mark_flags_as_required(["config"])
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "multi-host: host:port of process 0 (see launch/)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multi-host: this process's index")
 
 
 def main(argv) -> None:
@@ -18,9 +21,11 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    from dret import distributed
     from dret.trainer import train_and_evaluate
 
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         export_dir = train_and_evaluate(_CONFIG.value)
     except DretError as e:
         sys.exit(f"dret: {e}")

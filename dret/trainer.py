@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dret import peft
 from dret.checkpoint import Checkpointer, abstract
@@ -156,8 +157,11 @@ def train_and_evaluate(config) -> str:
     """Runs (or resumes) training; returns the export folder."""
     validate(config)
     output_dir = config.output_dir
-    prepare_output_dir(output_dir, config.overwrite_output_dir)
     is_main = jax.process_index() == 0
+    if is_main:  # multi-host: output_dir is shared, and only process 0 may clear it
+        prepare_output_dir(output_dir, config.overwrite_output_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("output_dir ready")
     run = build_run(config)
     state, data, total_steps, global_batch = run.state, run.data, run.total_steps, run.global_batch
 
