@@ -76,8 +76,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
-    """The train state, born sharded (eval_shape -> shardings -> jit(init, out_shardings=)), and its shardings."""
+def state_layout(params, frozen, tx, mesh, config):
+    """(init(params, frozen) -> TrainState, the state's shardings); params may be abstract (dret.plan)."""
     stage, offload = parse_sharding(config.sharding)
 
     def init(params, frozen):
@@ -92,7 +92,34 @@ def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainSt
     if offload:
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(OFFLOAD_MEMORY), opt_shardings)
     shardings = state_shardings(mesh, shapes, fsdp_axes=param_axes(stage)).replace(opt_state=opt_shardings)
+    return init, shardings
+
+
+def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
+    """The train state, born sharded (eval_shape -> shardings -> jit(init, out_shardings=)), and its shardings."""
+    init, shardings = state_layout(params, frozen, tx, mesh, config)
     return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
+
+
+def make_step(config, graphdef, tx, mesh, params, shardings, hidden_size: int) -> tuple[StepConfig, object]:
+    """(StepConfig, jit(train_step)) for a state laid out by `shardings`."""
+    stage, offload = parse_sharding(config.sharding)
+    # validate() keeps dims <= hidden size; only tiny runs (64 wide) drop the larger ones here.
+    matryoshka = tuple((d, w) for d, w in zip(config.matryoshka_dims, config.matryoshka_loss_weights)
+                       if d <= hidden_size) if config.use_matryoshka else ()
+    device_memory = mesh.devices.flat[0].default_memory().kind
+    step_config = StepConfig(
+        graphdef=graphdef, tx=tx, pooling=config.sentence_pooling_method, normalized=config.normalized,
+        group_size=config.train_group_size, temperature=config.temperature, margin=config.margin,
+        use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
+        accumulation=config.gradient_accumulation_steps,
+        loss_shards=1 if config.negatives_cross_device else data_parallel_size(mesh),
+        fp16=config.fp16 and config.fp16_opt_level != "O0", grad_shardings=grad_shardings(mesh, params, stage),
+        # offload: the step moves the optimizer state to the device and back
+        opt_device_shardings=tuple(s.with_memory_kind(device_memory) for s in jax.tree.leaves(shardings.opt_state))
+        if offload else None)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return step_config, jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
 
 
 @dataclasses.dataclass
@@ -133,22 +160,8 @@ def build_run(config, devices=None) -> Run:
         process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
     tx, schedule = make_optimizer(config, total_steps)
-    # validate() keeps dims <= hidden size; only tiny runs (64 wide) drop the larger ones here.
-    matryoshka = tuple((d, w) for d, w in zip(config.matryoshka_dims, config.matryoshka_loss_weights)
-                       if d <= hf_config["hidden_size"]) if config.use_matryoshka else ()
-    step_config = StepConfig(
-        graphdef=graphdef, tx=tx, pooling=config.sentence_pooling_method, normalized=config.normalized,
-        group_size=config.train_group_size, temperature=config.temperature, margin=config.margin,
-        use_inbatch_neg=config.use_inbatch_neg, matryoshka=matryoshka,
-        accumulation=config.gradient_accumulation_steps,
-        loss_shards=1 if config.negatives_cross_device else dp, fp16=config.fp16 and config.fp16_opt_level != "O0",
-        grad_shardings=grad_shardings(mesh, params, parse_sharding(config.sharding)[0]))
     state, shardings = _create_state(params, frozen, tx, mesh, config)
-    if parse_sharding(config.sharding)[1]:  # offload: the step moves the optimizer state to the device and back
-        step_config = dataclasses.replace(step_config, opt_device_shardings=tuple(
-            s.with_memory_kind(mesh.devices.flat[0].default_memory().kind) for s in jax.tree.leaves(shardings.opt_state)))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
+    step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, hf_config["hidden_size"])
     return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
                total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from dret.checkpoint import Checkpointer, abstract
+from dret.plan import plan_stage
+from dret.resources import hf_config_of
 from dret.sharding import (batch_sharding, bytes_per_device, grad_shardings, make_mesh, param_axes,
                            state_shardings)
 from dret.train_step import _loss, _micro_loss, _place
@@ -105,6 +107,16 @@ def test_stage3_bytes_per_device_shrink_by_the_fsdp_factor(tiny):
         assert per_device == sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
         # Only layer norms (and optimizer step counts) stay replicated: 0.1% of this model.
         assert total / 8 <= per_device <= total / 8 * 1.01, (name, total, per_device)
+
+
+def test_plan_compiled_memory_agrees_with_eval_shape(tiny):
+    config, run, *_ = tiny
+    figures = plan_stage(config, hf_config_of(config), run.mesh, run.global_batch)
+    assert figures["params"] == bytes_per_device(run.state.params, jax.tree.map(lambda x: x.sharding, run.state.params))
+    for name in ("params", "opt_state"):
+        assert abs(figures[f"{name}_compiled"] - figures[name]) <= 0.1 * figures[name], figures
+    assert figures["grads"] == figures["params"]  # float32, split 8 ways like the parameters
+    assert 0 < figures["activations"] < figures["peak"]
 
 
 def run_steps(run, state, batches, n):
