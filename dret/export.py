@@ -47,8 +47,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
     saved = checkpointer.restore_raw(step)
     checkpointer.close()
-    nnx.replace_by_pure_dict(params, _unbox(saved["params"]))
-    nnx.replace_by_pure_dict(frozen, _unbox(saved["frozen"]))
+    nnx.replace_by_pure_dict(params, _unbox(saved["params"]))  # frozen weights are the base model's
     return nnx.merge(graphdef, params, frozen), hf_config, tokenizer, config, step
 
 

@@ -2,7 +2,8 @@
 
 Resume order (automatic when output_dir holds checkpoints and overwrite_output_dir is off):
   1. build model, optimizer and the abstract sharded state exactly as a fresh run would;
-  2. restore the latest checkpoint's state onto those shardings (any mesh);
+  2. restore the latest checkpoint's state onto those shardings (any mesh); checkpoints hold the trained
+     variables and optimizer only (LoRA: the adapters alone), the frozen weights come from step 1;
   3. restore the data iterator's position from the checkpoint's meta (never skip batches by re-reading);
   4. drop metrics.jsonl rows logged after that checkpoint, then continue from its step.
 """
@@ -181,7 +182,8 @@ def train_and_evaluate(config) -> str:
     checkpointer = Checkpointer(os.path.join(output_dir, "checkpoints"), max_to_keep=config.save_total_limit)
     start_step = checkpointer.latest_step() or 0
     if start_step:
-        state, meta = checkpointer.restore(start_step, abstract(state))
+        saved, meta = checkpointer.restore(start_step, abstract(state.replace(frozen=None)))
+        state = saved.replace(frozen=state.frozen)
         data.restore(meta["data"])
         log.info("resumed from %s at step %d", checkpointer.directory, start_step)
 
@@ -216,7 +218,7 @@ def train_and_evaluate(config) -> str:
                 logs.write(step, evaluate_during_training(
                     inference_embedder(model, run.hf_config, run.tokenizer, config), config))
             if step % config.save_steps == 0 or step == total_steps or stop["signal"]:
-                checkpointer.save(step, state, meta())
+                checkpointer.save(step, state.replace(frozen=None), meta())  # frozen weights: from the base model
             if stop["signal"]:
                 log.warning("SIGTERM: saved a checkpoint at step %d; rerun the same command to resume", step)
                 break

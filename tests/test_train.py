@@ -12,6 +12,7 @@ import safetensors.numpy
 from flax import nnx
 
 from dret import peft
+from dret.checkpoint import Checkpointer
 from dret.export import load_checkpoint
 from dret.trainer import build_run, train_and_evaluate
 from tests.train_util import ROOT, run_train, tiny_config, train_command
@@ -139,6 +140,9 @@ def test_export_cli_matches_end_of_training_export(tmp_path):
     train_and_evaluate(config)
     model, *_ , step = load_checkpoint(config.output_dir)
     assert step == 2
+    saved = Checkpointer(os.path.join(config.output_dir, "checkpoints"), max_to_keep=None).restore_raw(2)
+    assert not saved.get("frozen")  # LoRA checkpoints hold the adapters alone
+    assert all("lora" in str(k) for layer in saved["params"]["layers"].values() for m in layer.values() for k in m)
     out = tmp_path / "exported"
     result = subprocess.run([*train_command(config)[:2], "dret.export", f"--checkpoint={config.output_dir}",
                              f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
