@@ -110,3 +110,15 @@ def test_cli_messages(tmp_path):
     cmd[4] = str(tmp_path / "empty_model")
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert "neither an HF model folder (config.json) nor a dret training output_dir" in out.stderr
+
+
+def test_checkpoint_sweep_table_and_plot(tmp_path):
+    from dret.eval import sweep
+
+    rows = [{"step": s, "dataset": "toy", "ndcg_at_10": 0.1 * s, "mrr_at_10": 0.2, "recall_at_10": 0.3,
+             "recall_at_100": 0.4} for s in (1, 2, 3)]
+    assert sweep.table(rows).splitlines()[2] == "| 1 | toy | 10.00 | 20.00 | 30.00 | 40.00 |"
+    sweep.plot(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    with pytest.raises(DretError, match="holds no checkpoints/ folder"):
+        sweep.checkpoint_steps(str(tmp_path))

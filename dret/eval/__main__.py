@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from dret.errors import DretError
-from dret.eval import cache, datasets, model_dir
+from dret.eval import cache, datasets, model_dir, sweep
 from dret.eval.run import EvalOptions, evaluate_retrieval
 
 TABLE_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "map_at_10", "precision_at_10", "recall_at_100",
@@ -19,8 +19,10 @@ TABLE_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "map_at_10", "precis
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dret.eval", description=__doc__)
-    p.add_argument("--model", required=True, help="HF / sentence-transformers folder, or a dret training output_dir")
+    p.add_argument("--model", help="HF / sentence-transformers folder, or a dret training output_dir")
     p.add_argument("--step", type=int, help="checkpoint step of a training output_dir (default: the latest)")
+    p.add_argument("--evaluate_all", action="store_true", help="evaluate every checkpoint of --checkpoint_dir")
+    p.add_argument("--checkpoint_dir", help="a dret training output_dir, with --evaluate_all")
     data = p.add_argument_group("data (one or more)")
     data.add_argument("--data", action="append", default=[], help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
     data.add_argument("--t2ranking", help="folder with T2Ranking's collection / queries / qrels tsv files")
@@ -42,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--add_eos_token", type=int, choices=(0, 1))
     m.add_argument("--dim", type=int, help="Matryoshka truncation of the embeddings")
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--allow_pickle", action="store_true", help="load pytorch_model.bin (a pickle: trusted files only)")
     s = p.add_argument_group("search and output")
     s.add_argument("--top_k", type=int, default=1000)
     s.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat",
@@ -73,19 +76,22 @@ def _local_sets(args) -> list:
     return sets
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if not (args.data or args.t2ranking or args.msmarco_title or args.mteb):
-        raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR or --mteb TASK")
-    load, model_key = model_dir.resolve(args.model, pooling=args.pooling_method, dtype=args.dtype, step=args.step,
-                                        pad_token=args.pad_token, padding_side=args.padding_side,
-                                        add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token)
-    opts = EvalOptions(query_instruction=args.query_instruction, document_instruction=args.document_instruction,
+def _options(args) -> EvalOptions:
+    return EvalOptions(query_instruction=args.query_instruction, document_instruction=args.document_instruction,
                        query_max_length=args.query_max_length or args.max_seq_length,
                        passage_max_length=args.passage_max_length or args.max_seq_length,
                        eval_batch_size=args.eval_batch_size, dim=args.dim, top_k=args.top_k, index=args.index,
                        nlist=args.nlist, nprobe=args.nprobe, shard_size=args.shard_size,
                        cache_dir=None if args.no_cache else args.cache_dir)
+
+
+def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
+    """Every requested data set with one model (loaded at most once, and only if some embedding is not cached)."""
+    load, model_key = model_dir.resolve(model, pooling=args.pooling_method, dtype=args.dtype, step=step,
+                                        pad_token=args.pad_token, padding_side=args.padding_side,
+                                        add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token,
+                                        allow_pickle=args.allow_pickle)
+    opts = _options(args)
     embedder = []  # loaded once, shared by every data set
 
     def get_embedder():
@@ -96,12 +102,33 @@ def main(argv=None) -> list[dict]:
     results = []
     for data in _local_sets(args):
         result = evaluate_retrieval(get_embedder, data, opts, model_key)
-        result.update(model=os.path.abspath(args.model), split=args.split, dtype=args.dtype,
+        result.update(model=os.path.abspath(model), step=step, split=args.split, dtype=args.dtype,
                       options={k: v for k, v in vars(args).items() if k not in ("data", "model")})
         results.append(result)
     if args.mteb:
         from dret.eval.mteb_model import run_mteb_tasks
         results += run_mteb_tasks(get_embedder(), args.mteb.split(","), opts, args.output_folder)
+    return results
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if not (args.data or args.t2ranking or args.msmarco_title or args.mteb):
+        raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR or --mteb TASK")
+    if args.evaluate_all:
+        if not args.checkpoint_dir:
+            raise DretError("--evaluate_all needs --checkpoint_dir (a dret training output_dir)")
+        rows = [r for step in sweep.checkpoint_steps(args.checkpoint_dir)
+                for r in evaluate_model(args, args.checkpoint_dir, step)]
+        os.makedirs(args.output_folder, exist_ok=True)
+        with open(os.path.join(args.output_folder, "checkpoints.md"), "w") as f:
+            f.write(sweep.table(rows) + "\n")
+        sweep.plot(rows, os.path.join(args.output_folder, "checkpoints.png"))
+        print(sweep.table(rows))
+        return rows
+    if not args.model:
+        raise DretError("--model is required (or --evaluate_all --checkpoint_dir DIR)")
+    results = evaluate_model(args, args.model, args.step)
     os.makedirs(args.output_folder, exist_ok=True)
     for r in results:
         with open(os.path.join(args.output_folder, f"{r['dataset']}.json"), "w") as f:

@@ -25,7 +25,7 @@ def _tokenizer_options(embedder, pad_token, padding_side, add_bos_token, add_eos
 
 def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, step: int | None = None,
             pad_token: str | None = None, padding_side: str | None = None, add_bos_token: int | None = None,
-            add_eos_token: int | None = None):
+            add_eos_token: int | None = None, allow_pickle: bool = False):
     """(load() -> Embedder, cache key of the weights and every option that changes vectors)."""
     if not os.path.isdir(path):
         raise DretError(f"--model {path} does not exist")
@@ -35,7 +35,8 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
     if os.path.isfile(os.path.join(path, "config.json")):
         def load():
             from dret.model import Embedder
-            return _tokenizer_options(Embedder.from_pretrained(path, pooling=pooling, dtype=dtype), *extra)
+            return _tokenizer_options(Embedder.from_pretrained(path, pooling=pooling, dtype=dtype,
+                                                                allow_pickle=allow_pickle), *extra)
         return load, cache.key(weights=cache.folder_fingerprint(path), **options)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from dret.checkpoint import Checkpointer
