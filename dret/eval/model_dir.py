@@ -46,10 +46,9 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
         step = step if step is not None else (max(steps) if steps else None)
 
         def load():
-            from dret.model import Embedder
-            backbone, hf_config, tokenizer, config, _ = load_checkpoint(path, step)
-            embedder = Embedder(backbone, tokenizer, hf_config, pooling=pooling or config.sentence_pooling_method,
-                                normalize=config.normalized, max_length=config.passage_max_len)
+            from dret.trainer import inference_embedder  # LoRA merged, float32
+            embedder = inference_embedder(*load_checkpoint(path, step)[:4])
+            embedder.pooling = pooling or embedder.pooling
             return _tokenizer_options(embedder, *extra)
         step_dir = os.path.join(path, "checkpoints", str(step))
         weights = cache.folder_fingerprint(step_dir) if os.path.isdir(step_dir) else None

@@ -1,0 +1,26 @@
+"""`--model` / `--evaluate_all` on a dret training output_dir (a tiny LoRA run, adapters merged on load)."""
+
+import json
+
+from dret.eval.__main__ import main as eval_main
+from dret.trainer import train_and_evaluate
+from tests.train_util import tiny_config
+
+
+def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
+    config = tiny_config(tmp_path, fine_tune_type="lora", lora_rank=4, max_steps=2, save_steps=1)
+    train_and_evaluate(config)
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"document {i} topic {i % 3}"})
+                                               + "\n" for i in range(12)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
+                                                for i in range(3)))
+    (beir / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
+    common = ["--data", str(beir), "--output_folder", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "c")]
+    latest = eval_main(["--model", config.output_dir, *common])[0]
+    assert latest["step"] is None and 0 <= latest["ndcg_at_10"] <= 1
+    rows = eval_main(["--evaluate_all", "--checkpoint_dir", config.output_dir, *common])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["ndcg_at_10"] == latest["ndcg_at_10"]  # the latest step is step 2
+    assert (tmp_path / "out" / "checkpoints.png").exists()
