@@ -126,6 +126,21 @@ def _axis_size(mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+# logical axis -> mesh axes for activations: batch over the data-parallel axes, features whole.
+ACTIVATION_RULES = {"batch": BATCH, "length": None, "embed": None}
+
+
+def activation_constraint(mesh):
+    """rules(x, names) for `dret.models.logical.activation_rules`: keeps activations batch-sharded, so FSDP
+    (stage3) parameters are gathered instead of activations being re-laid out along 'embed'."""
+
+    def rules(x, names):
+        spec = P(*[ACTIVATION_RULES[n] for n in names])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return rules
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel axes."""
     return NamedSharding(mesh, P(BATCH))

@@ -18,7 +18,9 @@ from flax import nnx
 
 from dret.losses import contrastive_loss, matryoshka_loss
 from dret.model import finish, pool
+from dret.models.logical import activation_rules
 from dret.peft import with_lora_rng
+from dret.sharding import activation_constraint
 
 LOSS_SCALE_GROWTH_INTERVAL = 1000  # fp16: double the loss scale after this many finite steps in a row
 
@@ -53,6 +55,7 @@ class StepConfig:
     fp16: bool
     grad_shardings: tuple | None = None  # stage2/3: the gradients' flat shardings (dret.sharding.grad_shardings)
     opt_device_shardings: tuple | None = None  # offload: the host-resident optimizer state's flat device shardings
+    mesh: Any = None  # activations are kept batch-sharded on this mesh (None: no constraints)
 
 
 def _embed(model, ids_bt, mask_bt, rng, cfg: StepConfig):
@@ -107,6 +110,11 @@ def _place(tree, shardings: tuple | None, put=jax.lax.with_sharding_constraint):
 
 
 def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainState, dict]:
+    with activation_rules(None if cfg.mesh is None else activation_constraint(cfg.mesh)):
+        return _train_step(state, batch, cfg)
+
+
+def _train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     micro = split_micro_batches(batch, cfg.accumulation)
 

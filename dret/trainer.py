@@ -118,7 +118,7 @@ def make_step(config, graphdef, tx, mesh, params, shardings, hidden_size: int) -
         fp16=config.fp16 and config.fp16_opt_level != "O0", grad_shardings=grad_shardings(mesh, params, stage),
         # offload: the step moves the optimizer state to the device and back
         opt_device_shardings=tuple(s.with_memory_kind(device_memory) for s in jax.tree.leaves(shardings.opt_state))
-        if offload else None)
+        if offload else None, mesh=mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return step_config, jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
 

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dret.models.attention import dot_product_attention
+from dret.models.logical import constrain
 
 ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "ernie")
+ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -154,12 +156,14 @@ class BertModel(nnx.Module):
         else:
             position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
         x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt)).astype(self.dtype)
+        x_btd = constrain(x_btd, ACTIVATION_AXES)
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         mask_bt = mask_bt.astype(bool)
         for i, layer in enumerate(self.layers):
             rng = jax.random.fold_in(dropout_rng, i) if dropout_rng is not None else None
             x_btd = _rematerialised(layer, x_btd, mask_bt, rng) if self.remat else layer(x_btd, mask_bt, rng)
+            x_btd = constrain(x_btd, ACTIVATION_AXES)
         return x_btd
 
 
