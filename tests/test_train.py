@@ -34,9 +34,17 @@ def flat(state) -> dict:
 
 
 def test_step_compiles_once_over_three_steps(tmp_path):
+    """The jit cache (shared by every jit of train_step in this process) grows by at most one entry."""
+    from dret.sharding import batch_sharding
+
     run = build_run(tiny_config(tmp_path))
-    _, metrics = steps(run, 3)
-    assert run.step_fn._cache_size() == 1
+    state, sharding, sizes = run.state, batch_sharding(run.mesh), [run.step_fn._cache_size()]
+    for batch in run.data.batches(3):
+        batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        state, metrics = run.step_fn(state, batch, run.step_config)
+        sizes.append(run.step_fn._cache_size())
+    metrics = jax.device_get(metrics)
+    assert sizes[1] - sizes[0] <= 1 and sizes[1] == sizes[2] == sizes[3], sizes
     assert {"loss", "accuracy", "grad_norm", "param_norm", "skipped"} <= set(metrics)
     assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0
 
