@@ -40,11 +40,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     step = step if step is not None else max(steps)
     config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
     backbone, hf_config, tokenizer = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32)
-    if config.fine_tune_type == "lora":
-        backbone = peft.apply_lora(backbone, rank=config.lora_rank, alpha=config.lora_alpha,
-                                   dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
-                                   seed=config.seed)
-    graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
+    graphdef, params, frozen = peft.split_trainable(backbone, config)
     saved = checkpointer.restore_raw(step)
     checkpointer.close()
     nnx.replace_by_pure_dict(params, _unbox(saved["params"]))  # frozen weights are the base model's

@@ -36,6 +36,14 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, ta
     return model
 
 
+def split_trainable(model: nnx.Module, config):
+    """(graphdef, trainable state, frozen state) of a backbone, with LoRA adapters added when configured."""
+    if config.fine_tune_type == "lora":
+        model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                           target_modules=tuple(config.lora_target_modules), seed=config.seed)
+    return nnx.split(model, trainable(config.fine_tune_type), ...)
+
+
 def with_lora_rng(model: nnx.Module, key) -> nnx.Module:
     """Gives every LoRA adapter one dropout stream keyed by `key` (a no-op without adapters)."""
     model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)

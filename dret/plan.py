@@ -53,13 +53,9 @@ def abstract_model(config, hf: dict):
     def make():
         model = BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
                           rngs=nnx.Rngs(config.seed))
-        if config.fine_tune_type == "lora":
-            model = peft.apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha,
-                                    dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
-                                    seed=config.seed)
-        return model
+        return peft.split_trainable(model, config)
 
-    return nnx.split(nnx.eval_shape(make), peft.trainable(config.fine_tune_type), ...)
+    return nnx.eval_shape(make)
 
 
 def plan_stage(config, hf: dict, mesh, global_batch: int) -> dict[str, int]:

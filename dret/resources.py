@@ -39,15 +39,15 @@ def hf_config_of(config) -> dict:
     return {**hf, **TINY} if config.tiny else hf
 
 
-def build_backbone(config, *, dtype, param_dtype, abstract: bool = False):
+def build_backbone(config, *, dtype, param_dtype):
     """(backbone, HF config dict, tokenizer) for the run: real weights, or random ones when tiny."""
     path = model_dir(config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path or bundled_minilm())
-    if config.tiny or abstract:
+    if config.tiny:
         hf = hf_config_of(config)
-        make = lambda: BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                 remat=config.recompute, rngs=nnx.Rngs(config.seed))
-        return (nnx.eval_shape(make) if abstract else make()), hf, tokenizer
+        model = BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
+                          rngs=nnx.Rngs(config.seed))
+        return model, hf, tokenizer
     model, hf = hf_io.load_model(path, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
                                  allow_pickle=config.allow_pickle)
     return model, hf, tokenizer

@@ -31,6 +31,7 @@ from dret.errors import DretError
 from dret.eval.run import evaluate_beir
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
+from dret.models.bert import BertConfig, BertModel
 from dret.resources import build_backbone, resolve_train_data
 from dret.sharding import (OFFLOAD_MEMORY, batch_sharding, data_parallel_size, grad_shardings, make_mesh, opt_axes,
                            param_axes, parse_sharding, state_shardings)
@@ -144,11 +145,7 @@ def build_run(config, devices=None) -> Run:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     dtype, param_dtype = precision(config)
     backbone, hf_config, tokenizer = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
-    if config.fine_tune_type == "lora":
-        backbone = peft.apply_lora(backbone, rank=config.lora_rank, alpha=config.lora_alpha,
-                                   dropout=config.lora_dropout, target_modules=tuple(config.lora_target_modules),
-                                   seed=config.seed)
-    graphdef, params, frozen = nnx.split(backbone, peft.trainable(config.fine_tune_type), ...)
+    graphdef, params, frozen = peft.split_trainable(backbone, config)
     dp = data_parallel_size(mesh)
     global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     data = TrainData(
@@ -235,7 +232,7 @@ def train_and_evaluate(config) -> str:
 
 def inference_embedder(model, hf_config, tokenizer, config) -> Embedder:
     """The trained backbone as a float32 Embedder with LoRA adapters merged (for export and in-training eval)."""
-    plain = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32, abstract=True)[0]
+    plain = nnx.eval_shape(lambda: BertModel(BertConfig.from_hf(hf_config), rngs=nnx.Rngs(0)))
     params = (peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha)
               if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
     backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))
