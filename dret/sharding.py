@@ -12,6 +12,9 @@ replicated over ('data', 'fsdp'), as does any axis that does not divide evenly.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -130,15 +133,20 @@ def _axis_size(mesh, axes) -> int:
 ACTIVATION_RULES = {"batch": BATCH, "length": None, "embed": None}
 
 
-def activation_constraint(mesh):
-    """rules(x, names) for `dret.models.logical.activation_rules`: keeps activations batch-sharded, so FSDP
-    (stage3) parameters are gathered instead of activations being re-laid out along 'embed'."""
+@dataclasses.dataclass(frozen=True)
+class ActivationConstraint:
+    """Rules for `dret.models.logical.activation_rules`: keeps activations batch-sharded, so FSDP (stage3)
+    parameters are gathered instead of activations being re-laid out along 'embed'."""
 
-    def rules(x, names):
+    mesh: Any
+
+    def __call__(self, x, names):
         spec = P(*[ACTIVATION_RULES[n] for n in names])
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    return rules
+    @property
+    def batch_shards(self) -> int:
+        return data_parallel_size(self.mesh)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -20,7 +20,7 @@ from dret.losses import contrastive_loss, matryoshka_loss
 from dret.model import finish, pool
 from dret.models.logical import activation_rules
 from dret.peft import with_lora_rng
-from dret.sharding import activation_constraint
+from dret.sharding import ActivationConstraint
 
 LOSS_SCALE_GROWTH_INTERVAL = 1000  # fp16: double the loss scale after this many finite steps in a row
 
@@ -110,7 +110,7 @@ def _place(tree, shardings: tuple | None, put=jax.lax.with_sharding_constraint):
 
 
 def train_step(state: TrainState, batch: dict, cfg: StepConfig) -> tuple[TrainState, dict]:
-    with activation_rules(None if cfg.mesh is None else activation_constraint(cfg.mesh)):
+    with activation_rules(None if cfg.mesh is None else ActivationConstraint(cfg.mesh)):
         return _train_step(state, batch, cfg)
 
 

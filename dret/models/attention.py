@@ -1,7 +1,10 @@
-"""One attention entry point for every model: `jax.nn.dot_product_attention`, cuDNN on GPU."""
+"""One attention entry point for every model: cuDNN on GPU in half precision, a cache-blocked loop on CPU,
+`jax.nn.dot_product_attention` elsewhere."""
 
 import jax
 import jax.numpy as jnp
+
+from dret.models.logical import batch_shards
 
 
 def _implementation(dtype) -> str | None:
@@ -12,10 +15,43 @@ def _implementation(dtype) -> str | None:
 
 def dot_product_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs, *, is_causal: bool = False):
     """Softmax attention with padded keys masked out; softmax in float32, output in q's dtype."""
-    mask_b11s = key_mask_bs[:, None, None, :].astype(bool)
     dtype = q_btnh.dtype
-    if dtype == jnp.float16 and jax.default_backend() == "cpu":  # XLA:CPU has no f16 x f16 -> f32 dot
+    if jax.default_backend() == "cpu":
         q_btnh, k_bsnh, v_bsnh = (x.astype(jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh))
+        return _blocked_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs.astype(bool), is_causal).astype(dtype)
     return jax.nn.dot_product_attention(
-        q_btnh, k_bsnh, v_bsnh, mask=mask_b11s, is_causal=is_causal,
+        q_btnh, k_bsnh, v_bsnh, mask=key_mask_bs[:, None, None, :].astype(bool), is_causal=is_causal,
         implementation=_implementation(dtype)).astype(dtype)
+
+
+def _attend(q_cnth, k_cnsh, v_cnsh, mask_cs, is_causal: bool):
+    """Attention of a few examples, small enough that the [c, N, T, S] scores stay in cache."""
+    q_cnth, k_cnsh, v_cnsh = (jnp.swapaxes(x, 1, 2) for x in (q_cnth, k_cnsh, v_cnsh))
+    scores_cnts = (q_cnth * q_cnth.shape[-1] ** -0.5) @ jnp.swapaxes(k_cnsh, -1, -2)
+    keep_c1ts = mask_cs[:, None, None, :]
+    if is_causal:
+        t, s = scores_cnts.shape[-2:]
+        keep_c1ts = keep_c1ts & jnp.tril(jnp.ones((t, s), bool), s - t)
+    scores_cnts = jnp.where(keep_c1ts, scores_cnts, -1e30)
+    unnormed_cnts = jnp.exp(scores_cnts - jax.lax.stop_gradient(scores_cnts.max(-1, keepdims=True)))
+    return jnp.swapaxes((unnormed_cnts @ v_cnsh) / unnormed_cnts.sum(-1, keepdims=True), 1, 2)
+
+
+def _blocked_attention(q_btnh, k_bsnh, v_bsnh, mask_bs, is_causal: bool):
+    """XLA:CPU writes every [B, N, T, S] intermediate to memory and keeps them for the backward pass; looping
+    over examples keeps them in cache and, with each step rematerialised, stores only q, k and v (flash-style).
+
+    Each step takes one example per batch shard (examples i, i + steps, ...), so batch sharding is kept.
+    """
+    b = q_btnh.shape[0]
+    per_step = batch_shards() if b % batch_shards() == 0 else b
+    steps = b // per_step
+
+    def to_steps(x_b_rest, head_major: bool):  # [B, T, N, H] -> [steps, per_step, N, T, H]
+        x_b_rest = jnp.swapaxes(x_b_rest, 1, 2) if head_major else x_b_rest
+        return jnp.swapaxes(x_b_rest.reshape(per_step, steps, *x_b_rest.shape[1:]), 0, 1)
+
+    attend = jax.checkpoint(lambda xs: _attend(*xs, is_causal))
+    out_xcnth = jax.lax.map(attend, (to_steps(q_btnh, False), to_steps(k_bsnh, False), to_steps(v_bsnh, False),
+                                     to_steps(mask_bs, False)))
+    return jnp.swapaxes(out_xcnth, 0, 1).reshape(b, *out_xcnth.shape[2:])

@@ -19,9 +19,15 @@ def constrain(x, names: tuple):
     return x if rules is None else rules(x, names)
 
 
+def batch_shards() -> int:
+    """How many ways the installed rules split the 'batch' axis (1 without rules)."""
+    rules = _RULES.get()
+    return 1 if rules is None else rules.batch_shards
+
+
 @contextlib.contextmanager
 def activation_rules(rules: Callable | None):
-    """Install `rules(x, names) -> x` while tracing (None: no constraints)."""
+    """Install `rules(x, names) -> x`, which also has `batch_shards`, while tracing (None: no constraints)."""
     token = _RULES.set(rules)
     try:
         yield
