@@ -50,11 +50,12 @@ def finish(v_bd: jax.Array, *, normalize: bool, dim: int | None) -> jax.Array:
 
 
 def length_buckets(max_length: int) -> list[int]:
-    """Padded lengths: 16, 24, 32, 48, 64, 96, ... (<= 50% pad waste), capped by and ending at max_length."""
+    """Padded lengths: every 16 tokens up to 256, then every 1/8 of a power of two (<= 16 tokens or 12.5% pad),
+    ending at max_length. A compile costs about a second on CPU, less than the padding it saves."""
     buckets, n = [], 16
     while n < max_length:
-        buckets += [n] + ([n * 3 // 2] if n * 3 // 2 < max_length else [])
-        n *= 2
+        buckets.append(n)
+        n += max(16, (1 << (n.bit_length() - 1)) // 8)
     return buckets + [max_length]
 
 
@@ -79,9 +80,9 @@ def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
     return pooling, max_len
 
 
-def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, normalize, dim):
+def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim):
     model = nnx.merge(graphdef, state)
-    return finish(pool(model(ids_bt, mask_bt), mask_bt, pooling), normalize=normalize, dim=dim)
+    return finish(pool(model(ids_bt, mask_bt), mask_bt, pooling, padding_side), normalize=normalize, dim=dim)
 
 
 class Embedder:
@@ -93,6 +94,7 @@ class Embedder:
             raise DretError(f"pooling {pooling!r} is not supported; expected one of {', '.join(POOLING_METHODS)}")
         self.backbone, self.tokenizer, self.hf_config = backbone, tokenizer, hf_config
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        self.padding_side = "right"  # "left" puts pad tokens first, as decoders with last-token pooling want
         self.dim = backbone.config.hidden_size
 
     @classmethod
@@ -118,7 +120,7 @@ class Embedder:
     @functools.cached_property
     def _jitted(self):
         graphdef, _ = nnx.split(self.backbone)
-        return jax.jit(functools.partial(_forward, graphdef), static_argnames=("pooling", "normalize", "dim"))
+        return jax.jit(functools.partial(_forward, graphdef), static_argnames=("pooling", "padding_side", "normalize", "dim"))
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids with special tokens, truncated right to max_length."""
@@ -136,7 +138,11 @@ class Embedder:
         max_length = max_length or self.max_length
         ids = self.tokenize([instruction + t for t in texts], max_length)
         state = encode_lib.replicate(nnx.split(self.backbone)[1])
-        forward = functools.partial(self._jitted, state, pooling=self.pooling, normalize=self.normalize, dim=dim)
+        if self.padding_side == "left" and self.pooling == "cls":
+            raise DretError("cls pooling reads position 0, which left padding fills with pad tokens: "
+                            "use right padding, or last / last_8 / mean pooling")
+        forward = functools.partial(self._jitted, state, pooling=self.pooling, padding_side=self.padding_side,
+                                    normalize=self.normalize, dim=dim)
         return encode_lib.encode_ids(forward, ids, out_dim=dim or self.dim, batch_size=batch_size,
                                      buckets=length_buckets(max_length), pad_id=self.tokenizer.pad_token_id or 0,
-                                     progress=progress)
+                                     padding_side=self.padding_side, progress=progress)

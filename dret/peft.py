@@ -27,8 +27,9 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, ta
     """
     pattern = r".*/(" + "|".join(target_modules) + r")"
     provider = qwix.LoraProvider(module_path=pattern, rank=rank, alpha=float(alpha), dropout=dropout)
-    ids_bt = jnp.ones((1, example_len), jnp.int32)
-    # Adapters are created on the modules the init call runs; a rematerialised layer runs on a copy.
+    ids_bt = jnp.ones((1, example_len), jnp.int32)  # one example
+    # Adapters are created on the modules the init call runs; a rematerialised (or, on CPU, blocked) layer runs
+    # on a copy. One example is a single block, so the layers run themselves.
     remat = getattr(model, "remat", False)
     model.set_attributes(remat=False, raise_if_not_found=False)
     model = qwix.apply_lora_to_model(model, provider, ids_bt, ids_bt, rngs=nnx.Rngs(seed))

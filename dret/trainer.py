@@ -97,7 +97,7 @@ def state_layout(params, frozen, tx, mesh, config):
     return init, shardings
 
 
-def _create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
+def create_state(params, frozen, tx, mesh, config) -> tuple[TrainState, TrainState]:
     """The train state, born sharded (eval_shape -> shardings -> jit(init, out_shardings=)), and its shardings."""
     init, shardings = state_layout(params, frozen, tx, mesh, config)
     return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
@@ -158,7 +158,7 @@ def build_run(config, devices=None) -> Run:
         process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
     tx, schedule = make_optimizer(config, total_steps)
-    state, shardings = _create_state(params, frozen, tx, mesh, config)
+    state, shardings = create_state(params, frozen, tx, mesh, config)
     step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, hf_config["hidden_size"])
     return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
                total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
@@ -230,9 +230,10 @@ def train_and_evaluate(config) -> str:
     return export_dir
 
 
-def inference_embedder(model, hf_config, tokenizer, config) -> Embedder:
-    """The trained backbone as a float32 Embedder with LoRA adapters merged (for export and in-training eval)."""
-    plain = nnx.eval_shape(lambda: BertModel(BertConfig.from_hf(hf_config), rngs=nnx.Rngs(0)))
+def inference_embedder(model, hf_config, tokenizer, config, dtype=jnp.float32) -> Embedder:
+    """The trained backbone as an Embedder with LoRA adapters merged and float32 weights, computing in `dtype`
+    (for export, in-training eval and dret.eval)."""
+    plain = nnx.eval_shape(lambda: BertModel(BertConfig.from_hf(hf_config), dtype=dtype, rngs=nnx.Rngs(0)))
     params = (peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha)
               if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
     backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))

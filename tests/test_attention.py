@@ -63,3 +63,11 @@ def test_batch_sharded_input_stays_sharded_and_equal():
     out = compiled(*placed)
     assert out.sharding.is_equivalent_to(sharded, out.ndim)
     np.testing.assert_allclose(out, _reference(q, k, v, mask_bt), rtol=1e-5, atol=1e-6)
+
+
+def test_accelerator_branch_equals_the_cpu_loop(monkeypatch):
+    """The GPU / TPU branch (XLA or cuDNN, mask broadcast to [B, 1, T, S] as cuDNN requires) gives the same values."""
+    q, k, v, mask_bt = _inputs(seed=2)
+    on_cpu = dot_product_attention(q, k, v, mask_bt)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask_bt), on_cpu, rtol=1e-5, atol=1e-6)

@@ -35,8 +35,9 @@ def test_pooling_matches_numpy(method, side):
 
 
 def test_length_buckets():
-    assert length_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
-    assert length_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert length_buckets(256) == list(range(16, 257, 16))
+    assert length_buckets(100) == [16, 32, 48, 64, 80, 96, 100]
+    assert length_buckets(512) == list(range(16, 257, 16)) + list(range(288, 513, 32))
     assert length_buckets(16) == [16]
 
 

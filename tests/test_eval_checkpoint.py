@@ -1,9 +1,14 @@
 """`--model` / `--evaluate_all` on a dret training output_dir (a tiny LoRA run, adapters merged on load)."""
 
 import json
+import shutil
 
+import jax.numpy as jnp
+
+from dret.eval import model_dir
 from dret.eval.__main__ import main as eval_main
 from dret.trainer import train_and_evaluate
+from dret.resources import bundled_minilm
 from tests.train_util import tiny_config
 
 
@@ -24,3 +29,19 @@ def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["ndcg_at_10"] == latest["ndcg_at_10"]  # the latest step is step 2
     assert (tmp_path / "out" / "checkpoints.png").exists()
+
+
+def test_lora_cache_key_covers_the_base_model_and_dtype_applies(tmp_path):
+    """A LoRA checkpoint holds adapters only: the cache key must change when the base model's files do."""
+    base = tmp_path / "base"
+    shutil.copytree(bundled_minilm(), base, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "openvino"))
+    config = tiny_config(tmp_path, model_name_or_path=str(base), fine_tune_type="lora", lora_rank=4, max_steps=1,
+                         save_steps=1)
+    train_and_evaluate(config)
+    load, key = model_dir.resolve(config.output_dir)
+    _, key_bf16 = model_dir.resolve(config.output_dir, dtype="bfloat16")
+    (base / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]", "unk_token": "[UNK]"}))
+    _, key_after = model_dir.resolve(config.output_dir)
+    assert len({key, key_bf16, key_after}) == 3
+    assert load().backbone.dtype == jnp.float32
+    assert model_dir.resolve(config.output_dir, dtype="bfloat16")[0]().backbone.dtype == jnp.bfloat16

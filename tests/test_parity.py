@@ -6,6 +6,7 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 
+from dret.errors import DretError
 from dret.hf_io import load_model
 from dret.model import Embedder
 
@@ -87,3 +88,33 @@ def test_random_encoder_hidden_states_match_transformers(kind, tmp_path):
     got = np.asarray(model(ids.astype(np.int32), mask.astype(np.int32)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_left_padding_matches_transformers_left_padded(minilm_dir):
+    """`padding_side='left'` (the eval's --padding_side) pads like a left-padding HF tokenizer; BERT's absolute
+    positions then count the pads, exactly as transformers does, so compare at the same padded length."""
+    from dret.model import length_buckets
+
+    texts = [t for t in varied_texts() if t][:16]
+    ours_model = Embedder.from_pretrained(minilm_dir)
+    ours_model.padding_side = "left"
+    ours = ours_model.encode(texts, batch_size=16, max_length=128)
+    longest = max(len(ids) for ids in ours_model.tokenize(texts, 128))
+    padded_length = next(b for b in length_buckets(128) if b >= longest)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir, padding_side="left")
+    enc = tok(texts, truncation=True, max_length=128, padding="max_length", return_tensors="pt")
+    enc = {k: v[:, -padded_length:] for k, v in enc.items()}
+    with torch.no_grad():
+        h = transformers.BertModel.from_pretrained(minilm_dir).eval()(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    ref = ((h * mask).sum(1) / mask.sum(1)).numpy()
+    assert cosine_rows(ours, ref).min() >= MIN_COSINE
+    right = Embedder.from_pretrained(minilm_dir).encode(texts, batch_size=16, max_length=128)
+    assert cosine_rows(ours, right).min() < MIN_COSINE  # the pads shift BERT's positions: not a no-op
+
+
+def test_left_padding_with_cls_pooling_is_refused(minilm_dir):
+    model = Embedder.from_pretrained(minilm_dir, pooling="cls")
+    model.padding_side = "left"
+    with pytest.raises(DretError, match="cls pooling reads position 0"):
+        model.encode(["a text"])

@@ -35,8 +35,9 @@ def _batches(lengths: np.ndarray, batch_size: int, buckets: list[int]):
 
 
 def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, buckets: list[int],
-               pad_id: int, progress: bool = True) -> np.ndarray:
-    """Token id lists -> float32 [N, out_dim] with `forward(ids_bt, mask_bt) -> [B, out_dim]` (jitted)."""
+               pad_id: int, padding_side: str = "right", progress: bool = True) -> np.ndarray:
+    """Token id lists -> float32 [N, out_dim] with `forward(ids_bt, mask_bt) -> [B, out_dim]` (jitted);
+    pad tokens after each row's ids (right) or before them (left)."""
     n_dev = len(jax.local_devices())
     batch_size = -(-batch_size // n_dev) * n_dev
     sharding = NamedSharding(data_mesh(), P("data"))
@@ -52,8 +53,9 @@ def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, 
         ids_bt = np.full((b, t), pad_id, np.int32)
         mask_bt = np.zeros((b, t), np.int32)
         for i, r in enumerate(rows):
-            ids_bt[i, :lengths[r]] = ids[r]
-            mask_bt[i, :lengths[r]] = 1
+            cols = slice(t - lengths[r], t) if padding_side == "left" else slice(0, lengths[r])
+            ids_bt[i, cols] = ids[r]
+            mask_bt[i, cols] = 1
         v_bd = forward(jax.device_put(ids_bt, sharding), jax.device_put(mask_bt, sharding))
         if pending is not None:
             _fetch(out_nd, *pending, bar)

@@ -9,12 +9,11 @@ from dret.eval import cache
 
 
 def _tokenizer_options(embedder, pad_token, padding_side, add_bos_token, add_eos_token):
-    """The reference's tokenizer switches; left padding needs pooling support we do not have for encoders."""
+    """The reference's tokenizer switches."""
     tok = embedder.tokenizer
     if pad_token:
         tok.pad_token = pad_token
-    if padding_side not in (None, "right"):
-        raise DretError(f"--padding_side {padding_side}: only right padding is supported by dret encoders yet")
+    embedder.padding_side = padding_side or embedder.padding_side
     for name, value in (("add_bos_token", add_bos_token), ("add_eos_token", add_eos_token)):
         if value is not None:
             if not hasattr(tok, name):
@@ -39,19 +38,30 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
                                                                 allow_pickle=allow_pickle), *extra)
         return load, cache.key(weights=cache.folder_fingerprint(path), **options)
     if os.path.isdir(os.path.join(path, "checkpoints")):
+        import jax.numpy as jnp
+        import ml_collections
+
         from dret.checkpoint import Checkpointer
         from dret.export import load_checkpoint
+        from dret.resources import model_dir
 
-        steps = Checkpointer(os.path.join(path, "checkpoints"), max_to_keep=None).all_steps()
+        checkpointer = Checkpointer(os.path.join(path, "checkpoints"), max_to_keep=None)
+        steps = checkpointer.all_steps()
         step = step if step is not None else (max(steps) if steps else None)
+        run_config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"]) if step in steps else None
+        checkpointer.close()
 
         def load():
-            from dret.trainer import inference_embedder  # LoRA merged, float32
-            embedder = inference_embedder(*load_checkpoint(path, step)[:4])
+            from dret.trainer import inference_embedder  # LoRA merged, float32 weights
+            embedder = inference_embedder(*load_checkpoint(path, step)[:4], dtype=jnp.dtype(dtype or "float32"))
             embedder.pooling = pooling or embedder.pooling
             return _tokenizer_options(embedder, *extra)
-        step_dir = os.path.join(path, "checkpoints", str(step))
-        weights = cache.folder_fingerprint(step_dir) if os.path.isdir(step_dir) else None
-        return load, (cache.key(weights=weights, step=step, **options) if weights else None)
+        if run_config is None:
+            return load, None  # load() says which steps there are
+        # LoRA and bitfit checkpoints hold only what trained: the base model's files are part of the weights.
+        base = model_dir(run_config)
+        weights = [cache.folder_fingerprint(os.path.join(path, "checkpoints", str(step)))]
+        weights += [cache.folder_fingerprint(base)] if base and os.path.isdir(base) else []
+        return load, cache.key(weights=weights, step=step, **options)
     raise DretError(f"--model {path}: neither an HF model folder (config.json) nor a dret training output_dir "
                     "(checkpoints/)")

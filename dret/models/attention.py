@@ -4,7 +4,7 @@
 import jax
 import jax.numpy as jnp
 
-from dret.models.logical import batch_shards
+from dret.models.blocks import map_examples
 
 
 def _implementation(dtype) -> str | None:
@@ -19,14 +19,15 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs, *, is_causal: boo
     if jax.default_backend() == "cpu":
         q_btnh, k_bsnh, v_bsnh = (x.astype(jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh))
         return _blocked_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs.astype(bool), is_causal).astype(dtype)
-    return jax.nn.dot_product_attention(
-        q_btnh, k_bsnh, v_bsnh, mask=key_mask_bs[:, None, None, :].astype(bool), is_causal=is_causal,
-        implementation=_implementation(dtype)).astype(dtype)
+    t, s = q_btnh.shape[1], k_bsnh.shape[1]
+    mask_b1ts = jnp.broadcast_to(key_mask_bs[:, None, None, :].astype(bool), (q_btnh.shape[0], 1, t, s))  # cuDNN
+    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_b1ts, is_causal=is_causal,
+                                        implementation=_implementation(dtype)).astype(dtype)
 
 
-def _attend(q_cnth, k_cnsh, v_cnsh, mask_cs, is_causal: bool):
+def _attend(q_ctnh, k_csnh, v_csnh, mask_cs, is_causal: bool):
     """Attention of a few examples, small enough that the [c, N, T, S] scores stay in cache."""
-    q_cnth, k_cnsh, v_cnsh = (jnp.swapaxes(x, 1, 2) for x in (q_cnth, k_cnsh, v_cnsh))
+    q_cnth, k_cnsh, v_cnsh = (jnp.swapaxes(x, 1, 2) for x in (q_ctnh, k_csnh, v_csnh))
     scores_cnts = (q_cnth * q_cnth.shape[-1] ** -0.5) @ jnp.swapaxes(k_cnsh, -1, -2)
     keep_c1ts = mask_cs[:, None, None, :]
     if is_causal:
@@ -39,19 +40,6 @@ def _attend(q_cnth, k_cnsh, v_cnsh, mask_cs, is_causal: bool):
 
 def _blocked_attention(q_btnh, k_bsnh, v_bsnh, mask_bs, is_causal: bool):
     """XLA:CPU writes every [B, N, T, S] intermediate to memory and keeps them for the backward pass; looping
-    over examples keeps them in cache and, with each step rematerialised, stores only q, k and v (flash-style).
-
-    Each step takes one example per batch shard (examples i, i + steps, ...), so batch sharding is kept.
-    """
-    b = q_btnh.shape[0]
-    per_step = batch_shards() if b % batch_shards() == 0 else b
-    steps = b // per_step
-
-    def to_steps(x_b_rest, head_major: bool):  # [B, T, N, H] -> [steps, per_step, N, T, H]
-        x_b_rest = jnp.swapaxes(x_b_rest, 1, 2) if head_major else x_b_rest
-        return jnp.swapaxes(x_b_rest.reshape(per_step, steps, *x_b_rest.shape[1:]), 0, 1)
-
-    attend = jax.checkpoint(lambda xs: _attend(*xs, is_causal))
-    out_xcnth = jax.lax.map(attend, (to_steps(q_btnh, False), to_steps(k_bsnh, False), to_steps(v_bsnh, False),
-                                     to_steps(mask_bs, False)))
-    return jnp.swapaxes(out_xcnth, 0, 1).reshape(b, *out_xcnth.shape[2:])
+    over examples keeps them in cache and, with each step rematerialised, stores only q, k and v (flash-style)."""
+    attend = jax.checkpoint(lambda q, k, v, m: _attend(q, k, v, m, is_causal))
+    return map_examples(attend, (q_btnh, k_bsnh, v_bsnh, mask_bs), 1)
