@@ -59,8 +59,11 @@ def length_buckets(max_length: int) -> list[int]:
     return buckets + [max_length]
 
 
+_ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers 6 `pooling_mode`
+
+
 def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
-    """(pooling, max_seq_length) from a sentence-transformers folder, None where it says nothing."""
+    """(pooling, max_seq_length) from a sentence-transformers folder (5.x or 6.x layout), None where it says nothing."""
     pooling = max_len = None
     modules_file = os.path.join(path, "modules.json")
     if os.path.isfile(modules_file):
@@ -72,12 +75,18 @@ def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
                     modes = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                              "pooling_mode_lasttoken": "last"}
                     on = [name for key, name in modes.items() if cfg.get(key)]
-                    pooling = on[0] if len(on) == 1 else None
-    st_config = os.path.join(path, "sentence_bert_config.json")
-    if os.path.isfile(st_config):
-        with open(st_config) as f:
-            max_len = json.load(f).get("max_seq_length")
-    return pooling, max_len
+                    pooling = on[0] if len(on) == 1 else _ST_POOLING.get(cfg.get("pooling_mode"))
+        max_len = _json_field(os.path.join(path, "sentence_bert_config.json"), "max_seq_length")
+        # sentence-transformers 6 keeps it as the tokenizer's model_max_length
+        max_len = max_len or _json_field(os.path.join(path, "tokenizer_config.json"), "model_max_length")
+    return pooling, (max_len if max_len and max_len < 1_000_000 else None)
+
+
+def _json_field(path: str, key: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get(key)
 
 
 def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim):
@@ -120,7 +129,8 @@ class Embedder:
     @functools.cached_property
     def _jitted(self):
         graphdef, _ = nnx.split(self.backbone)
-        return jax.jit(functools.partial(_forward, graphdef), static_argnames=("pooling", "padding_side", "normalize", "dim"))
+        return jax.jit(functools.partial(_forward, graphdef),
+                       static_argnames=("pooling", "padding_side", "normalize", "dim"))
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids with special tokens, truncated right to max_length."""
@@ -135,12 +145,12 @@ class Embedder:
         """
         if dim is not None and not 0 < dim <= self.dim:
             raise DretError(f"dim={dim}: expected 1..{self.dim} (the model's embedding size)")
-        max_length = max_length or self.max_length
-        ids = self.tokenize([instruction + t for t in texts], max_length)
-        state = encode_lib.replicate(nnx.split(self.backbone)[1])
         if self.padding_side == "left" and self.pooling == "cls":
             raise DretError("cls pooling reads position 0, which left padding fills with pad tokens: "
                             "use right padding, or last / last_8 / mean pooling")
+        max_length = max_length or self.max_length
+        ids = self.tokenize([instruction + t for t in texts], max_length)
+        state = encode_lib.replicate(nnx.split(self.backbone)[1])
         forward = functools.partial(self._jitted, state, pooling=self.pooling, padding_side=self.padding_side,
                                     normalize=self.normalize, dim=dim)
         return encode_lib.encode_ids(forward, ids, out_dim=dim or self.dim, batch_size=batch_size,

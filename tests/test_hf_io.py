@@ -34,6 +34,19 @@ def test_export_round_trip(minilm, tmp_path):
     assert isinstance(transformers.AutoModel.from_pretrained(out), transformers.BertModel)
 
 
+def test_sentence_transformers_6_folder_loads_with_its_pooling_and_length(minilm_dir, tmp_path):
+    """sentence-transformers 6 saves `pooling_mode` and keeps max_seq_length as the tokenizer's model_max_length."""
+    out = str(tmp_path / "st6")
+    st = SentenceTransformer(minilm_dir, device="cpu")
+    st.save(out)
+    with open(os.path.join(out, "1_Pooling", "config.json")) as f:
+        assert json.load(f).get("pooling_mode") == "mean"  # the layout this test is about
+    ours = Embedder.from_pretrained(out)
+    assert (ours.pooling, ours.max_length) == ("mean", 256)
+    texts = varied_texts()[:16]
+    assert cosine_rows(ours.encode(texts), st.encode(texts)).min() >= MIN_COSINE
+
+
 def test_export_refuses_existing_folder(minilm, tmp_path):
     with pytest.raises(DretError, match="already exists"):
         minilm.save(str(tmp_path))
