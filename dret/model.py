@@ -15,6 +15,7 @@ from flax import nnx
 from dret import hf_io
 from dret.errors import DretError
 from dret.eval import encode as encode_lib
+from dret.models.xla_cpu import inference_compiler_options
 
 POOLING_METHODS = ("cls", "mean", "last", "last_8")
 DEFAULT_MAX_LENGTH = 512
@@ -130,7 +131,8 @@ class Embedder:
     def _jitted(self):
         graphdef, _ = nnx.split(self.backbone)
         return jax.jit(functools.partial(_forward, graphdef),
-                       static_argnames=("pooling", "padding_side", "normalize", "dim"))
+                       static_argnames=("pooling", "padding_side", "normalize", "dim"),
+                       compiler_options=inference_compiler_options())
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids with special tokens, truncated right to max_length."""

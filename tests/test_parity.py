@@ -118,3 +118,30 @@ def test_left_padding_with_cls_pooling_is_refused(minilm_dir):
     model.padding_side = "left"
     with pytest.raises(DretError, match="cls pooling reads position 0"):
         model.encode(["a text"])
+
+
+def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
+    """The inference compile options route dots to XNNPACK (`dret.models.xla_cpu`); a miscompile there would
+    change embeddings, so compare against the same forward compiled with XLA's defaults."""
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from dret.model import _forward
+    from dret.models.xla_cpu import inference_compiler_options
+
+    embedder = Embedder.from_pretrained(minilm_dir)
+    assert inference_compiler_options()  # the tests run on CPU, where the options apply
+    graphdef, state = nnx.split(embedder.backbone)
+    default_jit = jax.jit(functools.partial(_forward, graphdef),
+                          static_argnames=("pooling", "padding_side", "normalize", "dim"))
+    ids = embedder.tokenize(varied_texts()[:16], 128)
+    ids_bt = np.zeros((16, 128), np.int32)
+    mask_bt = np.zeros((16, 128), np.int32)
+    for i, row in enumerate(ids):
+        ids_bt[i, :len(row)], mask_bt[i, :len(row)] = row, 1
+    args = dict(pooling="mean", padding_side="right", normalize=True, dim=None)
+    ours = np.asarray(embedder._jitted(state, ids_bt, mask_bt, **args))
+    default = np.asarray(default_jit(state, ids_bt, mask_bt, **args))
+    np.testing.assert_allclose(ours, default, atol=2e-6)
