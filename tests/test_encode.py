@@ -73,3 +73,30 @@ def test_max_length_truncates(minilm):
     long_text = "retrieval " * 300
     assert not np.allclose(minilm.encode([long_text], max_length=16), minilm.encode([long_text], max_length=256))
     assert minilm.max_length == 256  # from sentence_bert_config.json
+
+
+def _plan_cost(natural, rows, padded, compile_tokens):
+    return sum(r * p for r, p in zip(rows, padded)) + compile_tokens * len(set(padded))
+
+
+def test_plan_lengths_is_the_cheapest_cover():
+    """The plan equals a brute-force search over every set of compiled lengths (the longest always compiled)."""
+    import itertools
+
+    from dret.eval.encode import plan_lengths
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        natural = sorted(rng.choice(np.arange(16, 257, 16), size=int(rng.integers(1, 12))).tolist(), reverse=True)
+        rows = rng.integers(1, 65, size=len(natural)).tolist()
+        compile_tokens = float(rng.choice([0, 500, 3000, 20000]))
+        padded = plan_lengths(natural, rows, compile_tokens)
+        assert padded[0] == natural[0] and all(p >= n for p, n in zip(padded, natural))
+        assert padded == sorted(padded, reverse=True)
+        lengths = sorted(set(natural), reverse=True)
+        brute = min(_plan_cost(natural, rows, [min(c for c in (lengths[0], *extra) if c >= n) for n in natural],
+                               compile_tokens)
+                    for k in range(len(lengths)) for extra in itertools.combinations(lengths[1:], k))
+        assert _plan_cost(natural, rows, padded, compile_tokens) == pytest.approx(brute)
+    assert plan_lengths([64, 32, 32, 16], [64] * 4, 0) == [64, 32, 32, 16]
+    assert plan_lengths([64, 32, 32, 16], [64] * 4, 1e9) == [64] * 4

@@ -1,18 +1,23 @@
-"""Jitted, length-bucketed, data-parallel encoding of token ids: one compile per bucket length.
+"""Jitted, length-bucketed, data-parallel encoding of token ids: one compile per padded length.
 
-Rows are sorted by length (longest first) and cut into batches; each batch is padded to the smallest bucket
-length that fits its longest row and sharded over all local devices (a 1-D 'data' mesh). The next batch is
-dispatched before the previous one is copied back, so host padding overlaps device work.
+Rows are sorted by length (longest first) and cut into batches; each batch is padded to a bucket length that fits
+its longest row and sharded over all local devices (a 1-D 'data' mesh). The first batch is timed: its compile and
+its run price a compile in padded tokens, and `plan_lengths` then pads later batches up to an already compiled
+length wherever that costs less than compiling a new one. The next batch is dispatched before the previous one is
+copied back, so host padding overlaps device work.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
+
+CACHED_DISPATCH_S = 0.05  # a first dispatch faster than this found its shape already compiled
 
 
 @functools.cache
@@ -26,12 +31,37 @@ def replicate(tree):
     return jax.device_put(tree, NamedSharding(data_mesh(), P()))
 
 
-def _batches(lengths: np.ndarray, batch_size: int, buckets: list[int]):
-    """(row indices, padded length) per batch, rows sorted longest first."""
-    order = np.argsort(-lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        yield rows, next(b for b in buckets if b >= lengths[rows[0]])
+def plan_lengths(natural: list[int], rows: list[int], compile_tokens: float) -> list[int]:
+    """Padded length per batch (batches longest first, `natural[i]` the smallest bucket that fits batch i, with
+    `rows[i]` rows) that minimises padded tokens + compile_tokens per distinct length. The first length is fixed."""
+    lengths = sorted(set(natural), reverse=True)  # candidate lengths, each one compile
+    weight = {u: sum(r for n, r in zip(natural, rows) if n == u) for u in lengths}
+    # best[j]: cost of the batches of lengths[j:] when lengths[j] is compiled; choice[j]: next compiled index
+    best, choice = [0.0] * (len(lengths) + 1), [len(lengths)] * len(lengths)
+    for j in range(len(lengths) - 1, -1, -1):
+        padded, best[j] = 0.0, float("inf")
+        for m in range(j + 1, len(lengths) + 1):
+            padded += weight[lengths[m - 1]] * lengths[j]
+            cost = compile_tokens + padded + best[m]
+            if cost < best[j]:
+                best[j], choice[j] = cost, m
+    padded_to, j = {}, 0
+    while j < len(lengths):
+        for m in range(j, choice[j]):
+            padded_to[lengths[m]] = lengths[j]
+        j = choice[j]
+    return [padded_to[n] for n in natural]
+
+
+def _pad(ids: list[list[int]], rows: np.ndarray, b: int, t: int, pad_id: int, padding_side: str):
+    ids_bt = np.full((b, t), pad_id, np.int32)
+    mask_bt = np.zeros((b, t), np.int32)
+    for i, r in enumerate(rows):
+        n = len(ids[r])
+        cols = slice(t - n, t) if padding_side == "left" else slice(0, n)
+        ids_bt[i, cols] = ids[r]
+        mask_bt[i, cols] = 1
+    return ids_bt, mask_bt
 
 
 def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, buckets: list[int],
@@ -42,21 +72,28 @@ def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, 
     batch_size = -(-batch_size // n_dev) * n_dev
     sharding = NamedSharding(data_mesh(), P("data"))
     lengths = np.array([len(x) for x in ids], np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    natural = [next(b for b in buckets if b >= lengths[rows[0]]) for rows in batches]
+    padded_lengths = natural
     out_nd = np.zeros((len(ids), out_dim), np.float32)
     pending = None
     bar = tqdm(total=len(ids), desc="encode", unit="text", disable=not progress or len(ids) <= batch_size,
                leave=False)
-    for rows, t in _batches(lengths, batch_size, buckets):
+    for i, rows in enumerate(batches):
         # A short last batch is padded to a power of two (at least one row per device): few extra compiles.
         b = min(batch_size, max(n_dev, 1 << (len(rows) - 1).bit_length()))
         b = -(-b // n_dev) * n_dev
-        ids_bt = np.full((b, t), pad_id, np.int32)
-        mask_bt = np.zeros((b, t), np.int32)
-        for i, r in enumerate(rows):
-            cols = slice(t - lengths[r], t) if padding_side == "left" else slice(0, lengths[r])
-            ids_bt[i, cols] = ids[r]
-            mask_bt[i, cols] = 1
+        t = padded_lengths[i]
+        ids_bt, mask_bt = _pad(ids, rows, b, t, pad_id, padding_side)
+        start = time.perf_counter()
         v_bd = forward(jax.device_put(ids_bt, sharding), jax.device_put(mask_bt, sharding))
+        if i == 0 and len(batches) > 2:
+            compile_s = time.perf_counter() - start
+            v_bd.block_until_ready()
+            token_s = (time.perf_counter() - start - compile_s) / (b * t)
+            if compile_s > CACHED_DISPATCH_S:
+                padded_lengths = plan_lengths(natural, [len(r) for r in batches], compile_s / token_s)
         if pending is not None:
             _fetch(out_nd, *pending, bar)
         pending = (rows, v_bd)
