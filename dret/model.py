@@ -132,7 +132,7 @@ class Embedder:
         graphdef, _ = nnx.split(self.backbone)
         return jax.jit(functools.partial(_forward, graphdef),
                        static_argnames=("pooling", "padding_side", "normalize", "dim"),
-                       compiler_options=inference_compiler_options())
+                       compiler_options=inference_compiler_options(self.backbone.dtype))
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids with special tokens, truncated right to max_length."""

@@ -132,7 +132,8 @@ def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
     from dret.models.xla_cpu import inference_compiler_options
 
     embedder = Embedder.from_pretrained(minilm_dir)
-    assert inference_compiler_options()  # the tests run on CPU, where the options apply
+    assert inference_compiler_options(embedder.backbone.dtype)  # float32 on CPU, where the options apply
+    assert inference_compiler_options("bfloat16") is None
     graphdef, state = nnx.split(embedder.backbone)
     default_jit = jax.jit(functools.partial(_forward, graphdef),
                           static_argnames=("pooling", "padding_side", "normalize", "dim"))

@@ -9,26 +9,36 @@ import jax.numpy as jnp
 from dret.models.logical import batch_shards
 
 
+def _shards_used(b: int) -> int:
+    return batch_shards() if b % batch_shards() == 0 else 1
+
+
 def examples_per_step(b: int, examples_per_shard: int) -> int:
     """Examples per loop step: `examples_per_shard` of each batch shard, or fewer when that does not divide them."""
-    shards = batch_shards() if b % batch_shards() == 0 else 1
+    shards = _shards_used(b)
     return shards * math.gcd(b // shards, examples_per_shard)
 
 
 def map_examples(fn, args: tuple, examples_per_shard: int):
     """`fn(*args)` computed step by step over groups of examples; every arg and output is [B, ...].
 
-    A group takes `examples_per_step` examples, strided (examples j, j + steps, ...), so every example stays on
-    its batch shard's device.
+    A step takes `examples_per_step` examples: the next few consecutive examples of every batch shard, so each
+    example stays on its shard's device and a step's rows are contiguous in memory.
     """
     b = args[0].shape[0]
-    per_step = examples_per_step(b, examples_per_shard)
-    steps = b // per_step
+    shards = _shards_used(b)
+    per_shard = examples_per_step(b, examples_per_shard) // shards
+    steps = b // shards // per_shard
     if steps == 1:
         return fn(*args)
 
-    def to_steps(x):  # [B, ...] -> [steps, per_step, ...]; row s*steps + j goes to step j
-        return jnp.swapaxes(x.reshape(per_step, steps, *x.shape[1:]), 0, 1)
+    def to_steps(x):  # [B, ...] -> [steps, shards * per_shard, ...]; shard d's rows j*per_shard.. go to step j
+        x = jnp.swapaxes(x.reshape(shards, steps, per_shard, *x.shape[1:]), 0, 1)
+        return x.reshape(steps, shards * per_shard, *x.shape[3:])
+
+    def from_steps(y):
+        y = jnp.swapaxes(y.reshape(steps, shards, per_shard, *y.shape[2:]), 0, 1)
+        return y.reshape(b, *y.shape[3:])
 
     out = jax.lax.map(lambda xs: fn(*xs), tuple(to_steps(x) for x in args))
-    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(b, *y.shape[2:]), out)
+    return jax.tree.map(from_steps, out)
