@@ -15,6 +15,7 @@ from flax import nnx
 from dret import hf_io
 from dret.errors import DretError
 from dret.eval import encode as encode_lib
+from dret.models.logical import activation_rules
 from dret.models.xla_cpu import inference_compiler_options
 
 POOLING_METHODS = ("cls", "mean", "last", "last_8")
@@ -92,7 +93,9 @@ def _json_field(path: str, key: str):
 
 def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim):
     model = nnx.merge(graphdef, state)
-    return finish(pool(model(ids_bt, mask_bt), mask_bt, pooling, padding_side), normalize=normalize, dim=dim)
+    with activation_rules(encode_lib.batch_rules()):
+        h_btd = model(ids_bt, mask_bt)
+    return finish(pool(h_btd, mask_bt, pooling, padding_side), normalize=normalize, dim=dim)
 
 
 class Embedder:

@@ -1,7 +1,7 @@
 """Jitted, length-bucketed, data-parallel encoding of token ids: one compile per padded length.
 
 Rows are sorted by length (longest first) and cut into batches; each batch is padded to a bucket length that fits
-its longest row and sharded over all local devices (a 1-D 'data' mesh). The first batch is timed: its compile and
+its longest row and sharded over all local devices (the 'data' axis). The first batch is timed: its compile and
 its run price a compile in padded tokens, and `plan_lengths` then pads later batches up to an already compiled
 length wherever that costs less than compiling a new one. The next batch is dispatched before the previous one is
 copied back, so host padding overlaps device work.
@@ -17,18 +17,26 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from dret.sharding import ActivationConstraint, batch_sharding, make_mesh
+
 CACHED_DISPATCH_S = 0.05  # a first dispatch faster than this found its shape already compiled
 
 
 @functools.cache
 def data_mesh() -> jax.sharding.Mesh:
-    """1-D mesh over this process's devices: encoding is per-host, batches split over 'data'."""
-    return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+    """The training mesh layout over this process's devices, all on 'data': encoding is per-host."""
+    return make_mesh(-1, 1, 1, devices=jax.local_devices())
 
 
 def replicate(tree):
     """Put parameters on every local device (a no-op when they already are)."""
     return jax.device_put(tree, NamedSharding(data_mesh(), P()))
+
+
+def batch_rules() -> ActivationConstraint:
+    """Activation rules for tracing the encode forward: batch-sharded, so the model's CPU loops keep each
+    example on its device (`dret.models.blocks`)."""
+    return ActivationConstraint(data_mesh())
 
 
 def plan_lengths(natural: list[int], rows: list[int], compile_tokens: float) -> list[int]:
@@ -70,7 +78,7 @@ def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, 
     pad tokens after each row's ids (right) or before them (left)."""
     n_dev = len(jax.local_devices())
     batch_size = -(-batch_size // n_dev) * n_dev
-    sharding = NamedSharding(data_mesh(), P("data"))
+    sharding = batch_sharding(data_mesh())
     lengths = np.array([len(x) for x in ids], np.int64)
     order = np.argsort(-lengths, kind="stable")
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
