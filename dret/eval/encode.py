@@ -99,7 +99,7 @@ def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, 
         if i == 0 and len(batches) > 2:
             compile_s = time.perf_counter() - start
             v_bd.block_until_ready()
-            token_s = (time.perf_counter() - start - compile_s) / (b * t)
+            token_s = max(time.perf_counter() - start - compile_s, 1e-9) / (b * t)
             if compile_s > CACHED_DISPATCH_S:
                 padded_lengths = plan_lengths(natural, [len(r) for r in batches], compile_s / token_s)
         if pending is not None:
