@@ -98,6 +98,12 @@ def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, padding_side, normali
     return finish(pool(h_btd, mask_bt, pooling, padding_side), normalize=normalize, dim=dim)
 
 
+def jit_forward(graphdef, compiler_options: dict | None):
+    """`(state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim) -> [B, dim]`, jitted."""
+    return jax.jit(functools.partial(_forward, graphdef),
+                   static_argnames=("pooling", "padding_side", "normalize", "dim"), compiler_options=compiler_options)
+
+
 class Embedder:
     """A text -> vector model: `Embedder.from_pretrained(dir).encode(texts)`."""
 
@@ -132,10 +138,7 @@ class Embedder:
 
     @functools.cached_property
     def _jitted(self):
-        graphdef, _ = nnx.split(self.backbone)
-        return jax.jit(functools.partial(_forward, graphdef),
-                       static_argnames=("pooling", "padding_side", "normalize", "dim"),
-                       compiler_options=inference_compiler_options(self.backbone.dtype))
+        return jit_forward(nnx.split(self.backbone)[0], inference_compiler_options(self.backbone.dtype))
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids with special tokens, truncated right to max_length."""

@@ -123,25 +123,18 @@ def test_left_padding_with_cls_pooling_is_refused(minilm_dir):
 def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
     """The inference compile options route dots to XNNPACK (`dret.models.xla_cpu`); a miscompile there would
     change embeddings, so compare against the same forward compiled with XLA's defaults."""
-    import functools
-
-    import jax
     from flax import nnx
 
-    from dret.model import _forward
+    from dret.eval.encode import _pad
+    from dret.model import jit_forward
     from dret.models.xla_cpu import inference_compiler_options
 
     embedder = Embedder.from_pretrained(minilm_dir)
     assert inference_compiler_options(embedder.backbone.dtype)  # float32 on CPU, where the options apply
     assert inference_compiler_options("bfloat16") is None
     graphdef, state = nnx.split(embedder.backbone)
-    default_jit = jax.jit(functools.partial(_forward, graphdef),
-                          static_argnames=("pooling", "padding_side", "normalize", "dim"))
-    ids = embedder.tokenize(varied_texts()[:16], 128)
-    ids_bt = np.zeros((16, 128), np.int32)
-    mask_bt = np.zeros((16, 128), np.int32)
-    for i, row in enumerate(ids):
-        ids_bt[i, :len(row)], mask_bt[i, :len(row)] = row, 1
+    default_jit = jit_forward(graphdef, None)
+    ids_bt, mask_bt = _pad(embedder.tokenize(varied_texts()[:16], 128), np.arange(16), 16, 128, 0, "right")
     args = dict(pooling="mean", padding_side="right", normalize=True, dim=None)
     ours = np.asarray(embedder._jitted(state, ids_bt, mask_bt, **args))
     default = np.asarray(default_jit(state, ids_bt, mask_bt, **args))
