@@ -148,6 +148,11 @@ class ActivationConstraint:
     def batch_shards(self) -> int:
         return data_parallel_size(self.mesh)
 
+    def per_batch_shard(self, fn):
+        """`fn(*xs)` on each device's rows of batch-sharded [B, ...] arrays. `fn` is per-example, so its outputs
+        vary by shard as its inputs do; vma checks are off because a custom_vjp's cotangents do not carry them."""
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=P(BATCH), out_specs=P(BATCH), check_vma=False)
+
 
 def batch_sharding(mesh) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel axes."""

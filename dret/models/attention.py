@@ -1,13 +1,17 @@
-"""One attention entry point for every model: cuDNN on GPU in half precision, a cache-blocked loop on CPU,
-`jax.nn.dot_product_attention` elsewhere."""
+"""One attention entry point for every model: cuDNN on GPU in half precision; on CPU a fused C++ kernel
+(`cpu_attention.cc`) or, where it does not apply, a cache-blocked loop; `jax.nn.dot_product_attention` elsewhere."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from dret.models import cpu_kernels
 from dret.models.blocks import map_examples
-from dret.models.logical import batch_shards
+from dret.models.logical import batch_shards, per_batch_shard
 
 CPU_STREAMS = 2  # examples per attention step on an unsharded CPU batch, one per core of a 2-core machine
+FUSED_HEAD_SIZES = (16, 32, 64, 128)  # the head sizes cpu_attention.cc is compiled for
 
 
 def _implementation(dtype) -> str | None:
@@ -21,11 +25,36 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs, *, is_causal: boo
     dtype = q_btnh.dtype
     if jax.default_backend() == "cpu":
         q_btnh, k_bsnh, v_bsnh = (x.astype(jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh))
-        return _blocked_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs.astype(bool), is_causal).astype(dtype)
+        fused = (not is_causal and q_btnh.shape[-1] in FUSED_HEAD_SIZES and k_bsnh.shape[2] == q_btnh.shape[2]
+                 and cpu_kernels.attention_target() is not None)
+        attend = per_batch_shard(_fused_attention, q_btnh.shape[0]) if fused else functools.partial(
+            _blocked_attention, is_causal=is_causal)
+        return attend(q_btnh, k_bsnh, v_bsnh, key_mask_bs.astype(bool)).astype(dtype)
     t, s = q_btnh.shape[1], k_bsnh.shape[1]
     mask_b1ts = jnp.broadcast_to(key_mask_bs[:, None, None, :].astype(bool), (q_btnh.shape[0], 1, t, s))  # cuDNN
     return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_b1ts, is_causal=is_causal,
                                         implementation=_implementation(dtype)).astype(dtype)
+
+
+@jax.custom_vjp
+def _fused_attention(q_btnh, k_bsnh, v_bsnh, mask_bs):
+    """Scores, softmax and values in one pass per (example, head) in `cpu_attention.cc` (float32); its gradient
+    is the cache-blocked loop's."""
+    out_type = jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32)
+    return jax.ffi.ffi_call(cpu_kernels.ATTENTION_TARGET, out_type)(q_btnh, k_bsnh, v_bsnh, mask_bs.astype(jnp.int32))
+
+
+def _fused_forward(q_btnh, k_bsnh, v_bsnh, mask_bs):
+    return _fused_attention(q_btnh, k_bsnh, v_bsnh, mask_bs), (q_btnh, k_bsnh, v_bsnh, mask_bs)
+
+
+def _fused_backward(saved, g_btnh):
+    q_btnh, k_bsnh, v_bsnh, mask_bs = saved
+    _, vjp = jax.vjp(lambda q, k, v: _blocked_attention(q, k, v, mask_bs, False), q_btnh, k_bsnh, v_bsnh)
+    return (*vjp(g_btnh), None)
+
+
+_fused_attention.defvjp(_fused_forward, _fused_backward)
 
 
 def _attend(q_ctnh, k_csnh, v_csnh, mask_cs, is_causal: bool):

@@ -25,9 +25,19 @@ def batch_shards() -> int:
     return 1 if rules is None else rules.batch_shards
 
 
+def per_batch_shard(fn: Callable, b: int) -> Callable:
+    """`fn` over [b, ...] arrays run on each batch shard by itself (for ops XLA cannot partition, such as
+    foreign calls); `fn` unchanged when the installed rules do not split a batch of b."""
+    rules = _RULES.get()
+    if rules is None or rules.batch_shards == 1 or b % rules.batch_shards:
+        return fn
+    return rules.per_batch_shard(fn)
+
+
 @contextlib.contextmanager
 def activation_rules(rules: Callable | None):
-    """Install `rules(x, names) -> x`, which also has `batch_shards`, while tracing (None: no constraints)."""
+    """Install `rules(x, names) -> x`, which also has `batch_shards` and `per_batch_shard(fn)`, while tracing
+    (None: no constraints)."""
     token = _RULES.set(rules)
     try:
         yield
