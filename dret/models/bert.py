@@ -19,7 +19,7 @@ from dret.models.logical import constrain
 
 ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "ernie")
 ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers
-CPU_BLOCK_EXAMPLES = 4  # examples per block when a layer runs block by block (CPU inference)
+CPU_BLOCK_TOKENS = 1024  # tokens per block (per batch shard) when a layer runs block by block (CPU inference)
 
 
 def _gelu(x):
@@ -180,12 +180,16 @@ class BertModel(nnx.Module):
 
 
 def _inference_layer(layer: Layer, x_btd, mask_bt):
-    """On CPU the layer runs over blocks of examples, so each block's [4T, 4D]-sized intermediates stay in cache
-    (about 20% faster encoding). Training keeps whole-batch layers: its dropout masks are drawn batch-wide."""
-    if jax.default_backend() != "cpu" or examples_per_step(x_btd.shape[0], CPU_BLOCK_EXAMPLES) == x_btd.shape[0]:
+    """On CPU the layer runs over blocks of about CPU_BLOCK_TOKENS tokens, so a block's [4T, 4D]-sized
+    intermediates stay in cache (about 20% faster encoding than whole batches; 1024-token blocks ran MiniLM 3-10%
+    faster than 4-example blocks at 64 and 128 tokens, and 2-example blocks were slower at 256). Training keeps
+    whole-batch layers: its dropout masks are drawn batch-wide."""
+    b, t = mask_bt.shape
+    examples = max(1, CPU_BLOCK_TOKENS // t)
+    if jax.default_backend() != "cpu" or examples_per_step(b, examples) == b:
         return layer(x_btd, mask_bt, None)  # one block: the layer itself (qwix adds LoRA adapters on such a call)
     graphdef, state = nnx.split(layer)
-    return map_examples(lambda x, m: nnx.merge(graphdef, state)(x, m, None), (x_btd, mask_bt), CPU_BLOCK_EXAMPLES)
+    return map_examples(lambda x, m: nnx.merge(graphdef, state)(x, m, None), (x_btd, mask_bt), examples)
 
 
 def _rematerialised(layer: Layer, x_btd, mask_bt, rng):
