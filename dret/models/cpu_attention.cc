@@ -153,18 +153,20 @@ void attend_head(const Shape& sh, const float* q, const float* k, const float* v
   }
   const float* qb = q + (bi * sh.t * sh.n + ni) * H;
   float* ob = out + (bi * sh.t * sh.n + ni) * H;
+  auto attend = [&](const float* q_rows, int64_t q_stride, int rows, float* out_rows, int64_t out_stride) {
+    attend_rows<R, HV>(q_rows, q_stride, rows, scratch.kt.data(), scratch.v.data(), scratch.key_bias.data(), s_pad,
+                       scale, scratch.p.data(), out_rows, out_stride);
+  };
   std::vector<float> q_tail, out_tail;
   for (int64_t i = 0; i < sh.t; i += R) {
     int rows = static_cast<int>(std::min<int64_t>(R, sh.t - i));
     if (rows == R) {
-      attend_rows<R, HV>(qb + i * row, row, R, scratch.kt.data(), scratch.v.data(), scratch.key_bias.data(), s_pad, scale,
-                         scratch.p.data(), ob + i * row, row);
+      attend(qb + i * row, row, R, ob + i * row, row);
     } else {  // last rows: copy into a zero-padded block
       q_tail.assign(R * H, 0.0f);
       out_tail.assign(R * H, 0.0f);
       for (int r = 0; r < rows; ++r) std::memcpy(&q_tail[r * H], qb + (i + r) * row, H * sizeof(float));
-      attend_rows<R, HV>(q_tail.data(), H, R, scratch.kt.data(), scratch.v.data(), scratch.key_bias.data(), s_pad, scale,
-                         scratch.p.data(), out_tail.data(), H);
+      attend(q_tail.data(), H, rows, out_tail.data(), H);
       for (int r = 0; r < rows; ++r) std::memcpy(ob + (i + r) * row, &out_tail[r * H], H * sizeof(float));
     }
   }

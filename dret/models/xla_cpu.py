@@ -2,9 +2,11 @@
 
 By default XLA:CPU hands dots, element-wise ops and reductions to YNNPACK. Its dot kernels are slow on
 attention's [T, S] x [S, 32] products (about 50 GFLOP/s on the 2-core AVX-512 machine, against ~180 for XNNPACK's),
-and its element-wise fusions are slower than XLA's own. XNNPACK dots + YNNPACK reductions encode MiniLM about 8%
-faster there (`bench/RESULTS_eval.md`); the embeddings agree to 2e-7. Only float32 compute uses them: XNNPACK's
-bfloat16 dots moved SciFact's NDCG@10 by 0.0025 from float32, against 0.0015 with XLA's defaults.
+and its element-wise fusions are slower than XLA's own. XNNPACK dots + YNNPACK reductions encoded MiniLM about 8%
+faster there when attention ran on XLA's ops (`bench/RESULTS_eval.md`), as it still does without the fused kernel
+(`dret.models.cpu_kernels`); with the kernel the dense dots run as fast either way. The embeddings agree to 2e-7.
+Only float32 compute uses them: XNNPACK's bfloat16 dots moved SciFact's NDCG@10 by 0.0025 from float32, against
+0.0015 with XLA's defaults.
 """
 
 import jax
