@@ -49,11 +49,23 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "DRET_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "DRET_NUM_PROCESSES": "2"}
     flags = train_command(config)[3:]  # --config ... --config.x=y
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"read{i}.npy"), *flags], cwd=ROOT,
-                                env={**env, "DRET_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # Each worker writes to its own file: a pipe left undrained while waiting on the other worker fills up and
+    # blocks that worker inside a collective, which hangs both.
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"read{i}.npy"), *flags],
+                                            cwd=ROOT, env={**env, "DRET_PROCESS_ID": str(i)}, stdout=out,
+                                            stderr=subprocess.STDOUT))
+    try:
+        for w in workers:
+            w.wait(timeout=300)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert [w.returncode for w in workers] == [0, 0], "".join(log.read_text()[-3000:] for log in logs)
 
     np.testing.assert_allclose(losses(config.output_dir), losses(tiny_config(tmp_path).output_dir), rtol=1e-5)
     read0, read1 = np.load(tmp_path / "read0.npy"), np.load(tmp_path / "read1.npy")  # [3, 4, T] each

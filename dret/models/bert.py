@@ -23,8 +23,9 @@ CPU_BLOCK_TOKENS = 1024  # tokens per block (per batch shard) when a layer runs 
 
 
 def _gelu(x):
-    """Exact GELU in torch's form, x/2 (1 + erf(x/sqrt 2)): jax.nn.gelu's erfc form costs 2.4x as much on CPU
-    (a fifth of a MiniLM layer's element-wise time) and differs more from torch for very negative x."""
+    """Exact GELU in torch's form, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's erfc form took 1.84 ms against 0.76 on a
+    [1024, 1536] MiniLM block on CPU (about 4% of an encode forward), and differs more from torch for very
+    negative x."""
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 

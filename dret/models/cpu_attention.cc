@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -200,8 +199,13 @@ struct Job {
     Scratch scratch;
     for (int64_t i; (i = next.fetch_add(1)) < tasks;) {
       fn(sh, q, k, v, mask, out, i / sh.n, i % sh.n, scratch);
-      done.fetch_add(1, std::memory_order_release);
+      if (done.fetch_add(1, std::memory_order_release) + 1 == tasks) done.notify_all();
     }
+  }
+
+  // Blocks (without spinning) until every task has finished; the caller has claimed all it could.
+  void wait() {
+    for (int64_t seen; (seen = done.load(std::memory_order_acquire)) < tasks;) done.wait(seen);
   }
 };
 
@@ -223,7 +227,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   int64_t helpers = std::min<int64_t>(pool.num_threads(), job->tasks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->run(); });
   job->run();
-  while (job->done.load(std::memory_order_acquire) < job->tasks) std::this_thread::yield();
+  job->wait();
   return ffi::Error::Success();
 }
 

@@ -21,7 +21,7 @@ import jax
 
 ATTENTION_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
 ATTENTION_TARGET = "dret_cpu_attention"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 
 
 def _cache_dir() -> str:
