@@ -1,4 +1,4 @@
-// Fused softmax attention for XLA:CPU (an XLA FFI handler), float32, inference.
+// Fused softmax attention for XLA:CPU (an XLA FFI handler), float32, forward only (the gradient is XLA's).
 //
 // q [B, T, N, H], k and v [B, S, N, H], key mask [B, S] (nonzero = real token) -> out [B, T, N, H].
 // One task per (example, head): its unmasked keys are packed (K transposed), then blocks of query rows compute
@@ -48,7 +48,7 @@ inline vf exp2_nonpositive(vf x) {
 }
 
 struct Shape {
-  int64_t b, t, s, n, h;
+  int64_t b, t, s, n;  // the head size is attend_head's template argument
 };
 
 // Scratch of one worker: packed keys [H][S_pad], packed values [S_pad][H], scores [R][S_pad], key bias [S_pad].
@@ -215,7 +215,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   if (qd.size() != 4 || kd.size() != 4 || mask.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("dret_cpu_attention: expected q [B,T,N,H], k, v [B,S,N,H], mask [B,S]");
   auto job = std::make_shared<Job>();
-  job->sh = Shape{qd[0], qd[1], kd[1], qd[2], qd[3]};
+  job->sh = Shape{qd[0], qd[1], kd[1], qd[2]};
   job->fn = head_fn(qd[3]);
   if (!job->fn) return ffi::Error::InvalidArgument("dret_cpu_attention: head size must be 16, 32, 64 or 128");
   job->q = q.typed_data();
