@@ -1,4 +1,4 @@
-"""Embedder = backbone + pooling + optional L2 normalisation, and its batched, length-bucketed `encode`."""
+"""Embedder = backbone + pooling + optional L2 normalisation, and its batched, packed `encode`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from flax import nnx
 from dret import hf_io
 from dret.errors import DretError
 from dret.eval import encode as encode_lib
+from dret.models.bert import CPU_BLOCK_TOKENS
 from dret.models.logical import activation_rules
 from dret.models.xla_cpu import inference_compiler_options
 
@@ -22,43 +23,37 @@ POOLING_METHODS = ("cls", "mean", "last", "last_8")
 DEFAULT_MAX_LENGTH = 512
 
 
-def pool(h_btd: jax.Array, mask_bt: jax.Array, method: str, padding_side: str = "right") -> jax.Array:
-    """Hidden states [B, T, D] -> sentence vectors [B, D] in float32."""
-    h_btd = h_btd.astype(jnp.float32)
-    mask_bt = mask_bt.astype(jnp.float32)
+def pool_weights(positions_bt: jax.Array, lengths_bt: jax.Array, method: str) -> jax.Array:
+    """Each token's weight [B, T] in its text's vector, from its position in the text and the text's length
+    (0 where no text is): cls the first token, mean all, last the last, last_8 the last 8 equally."""
+    real_bt = positions_bt < lengths_bt
+    n_bt = jnp.maximum(lengths_bt, 1).astype(jnp.float32)
     if method == "cls":
-        return h_btd[:, 0]
-    if method == "mean":
-        return (h_btd * mask_bt[..., None]).sum(1) / jnp.maximum(mask_bt.sum(1, keepdims=True), 1.0)
-    if method in ("last", "last_8"):
+        w_bt = positions_bt == 0
+    elif method == "mean":
+        w_bt = 1.0 / n_bt
+    elif method in ("last", "last_8"):
         n_last = 1 if method == "last" else 8
-        if padding_side == "left":
-            return h_btd[:, -n_last:].mean(1)
-        # Right padding: weight the last n_last real tokens of each row.
-        length_b1 = mask_bt.sum(1, keepdims=True)
-        pos_bt = jnp.arange(h_btd.shape[1])[None, :]
-        w_bt = ((pos_bt < length_b1) & (pos_bt >= length_b1 - n_last)).astype(jnp.float32)
-        return (h_btd * w_bt[..., None]).sum(1) / jnp.maximum(w_bt.sum(1, keepdims=True), 1.0)
-    raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLING_METHODS)}")
+        w_bt = (positions_bt >= lengths_bt - n_last) / jnp.minimum(n_bt, n_last)
+    else:
+        raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLING_METHODS)}")
+    return jnp.where(real_bt, w_bt, 0.0).astype(jnp.float32)
+
+
+def pool(h_btd: jax.Array, mask_bt: jax.Array, method: str) -> jax.Array:
+    """Hidden states [B, T, D] of right-padded rows (one text each) -> sentence vectors [B, D] in float32."""
+    positions_bt = jnp.arange(h_btd.shape[1])[None, :]
+    w_bt = pool_weights(positions_bt, mask_bt.astype(jnp.int32).sum(1, keepdims=True), method)
+    return (h_btd.astype(jnp.float32) * w_bt[..., None]).sum(1)
 
 
 def finish(v_bd: jax.Array, *, normalize: bool, dim: int | None) -> jax.Array:
     """Matryoshka truncation to `dim`, then L2 normalisation."""
     if dim is not None:
-        v_bd = v_bd[:, :dim]
+        v_bd = v_bd[..., :dim]
     if normalize:
         v_bd = v_bd / jnp.maximum(jnp.linalg.norm(v_bd, axis=-1, keepdims=True), 1e-12)
     return v_bd
-
-
-def length_buckets(max_length: int) -> list[int]:
-    """Padded lengths: every 16 tokens up to 256, then every 1/8 of a power of two (<= 16 tokens or 12.5% pad),
-    ending at max_length. A compile costs about a second on CPU, less than the padding it saves."""
-    buckets, n = [], 16
-    while n < max_length:
-        buckets.append(n)
-        n += max(16, (1 << (n.bit_length() - 1)) // 8)
-    return buckets + [max_length]
 
 
 _ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers 6 `pooling_mode`
@@ -91,17 +86,23 @@ def _json_field(path: str, key: str):
         return json.load(f).get(key)
 
 
-def _forward(graphdef, state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim):
+def _forward(graphdef, state, ids_rl, slots_rl, positions_rl, lengths_rl, *, texts_per_row, pooling, normalize,
+             dim):
+    """Packed rows [R, L] (`dret.eval.encode.PackedBatch`) -> vectors [R, texts_per_row, dim]."""
     model = nnx.merge(graphdef, state)
     with activation_rules(encode_lib.batch_rules()):
-        h_btd = model(ids_bt, mask_bt)
-    return finish(pool(h_btd, mask_bt, pooling, padding_side), normalize=normalize, dim=dim)
+        h_rld = model(ids_rl, slots_rl + 1, positions_bt=positions_rl)
+    w_rl = pool_weights(positions_rl, lengths_rl, pooling)
+    per_row = jax.vmap(lambda h_ld, s_l: jax.ops.segment_sum(h_ld, s_l, num_segments=texts_per_row + 1))
+    v_rkd = per_row(h_rld.astype(jnp.float32) * w_rl[..., None], slots_rl)[:, :texts_per_row]
+    return finish(v_rkd, normalize=normalize, dim=dim)
 
 
 def jit_forward(graphdef, compiler_options: dict | None):
-    """`(state, ids_bt, mask_bt, *, pooling, padding_side, normalize, dim) -> [B, dim]`, jitted."""
+    """`(state, ids_rl, slots_rl, positions_rl, lengths_rl, *, texts_per_row, pooling, normalize, dim)
+    -> [R, texts_per_row, dim]`, jitted."""
     return jax.jit(functools.partial(_forward, graphdef),
-                   static_argnames=("pooling", "padding_side", "normalize", "dim"), compiler_options=compiler_options)
+                   static_argnames=("texts_per_row", "pooling", "normalize", "dim"), compiler_options=compiler_options)
 
 
 class Embedder:
@@ -113,7 +114,6 @@ class Embedder:
             raise DretError(f"pooling {pooling!r} is not supported; expected one of {', '.join(POOLING_METHODS)}")
         self.backbone, self.tokenizer, self.hf_config = backbone, tokenizer, hf_config
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
-        self.padding_side = "right"  # "left" puts pad tokens first, as decoders with last-token pooling want
         self.dim = backbone.config.hidden_size
 
     @classmethod
@@ -149,18 +149,16 @@ class Embedder:
                instruction: str = "", dim: int | None = None, progress: bool = True) -> np.ndarray:
         """Texts -> float32 [N, dim or d]. max_length defaults to the model's (sentence-transformers config, else 512).
 
-        Texts are sorted by length and padded to a few bucket lengths, so compiles and pad waste stay small.
+        Texts are packed into shared rows (`dret.eval.encode`): no padding, and a vector does not depend on the
+        other texts. A batch holds about batch_size x max_length tokens.
         """
         if dim is not None and not 0 < dim <= self.dim:
             raise DretError(f"dim={dim}: expected 1..{self.dim} (the model's embedding size)")
-        if self.padding_side == "left" and self.pooling == "cls":
-            raise DretError("cls pooling reads position 0, which left padding fills with pad tokens: "
-                            "use right padding, or last / last_8 / mean pooling")
         max_length = max_length or self.max_length
         ids = self.tokenize([instruction + t for t in texts], max_length)
         state = encode_lib.replicate(nnx.split(self.backbone)[1])
-        forward = functools.partial(self._jitted, state, pooling=self.pooling, padding_side=self.padding_side,
-                                    normalize=self.normalize, dim=dim)
-        return encode_lib.encode_ids(forward, ids, out_dim=dim or self.dim, batch_size=batch_size,
-                                     buckets=length_buckets(max_length), pad_id=self.tokenizer.pad_token_id or 0,
-                                     padding_side=self.padding_side, progress=progress)
+        forward = functools.partial(self._jitted, state, pooling=self.pooling, normalize=self.normalize, dim=dim)
+        row_tokens = CPU_BLOCK_TOKENS if jax.default_backend() == "cpu" else max_length
+        return encode_lib.encode_ids(forward, ids, out_dim=dim or self.dim, tokens_per_batch=batch_size * max_length,
+                                     row_tokens=row_tokens, pad_id=self.tokenizer.pad_token_id or 0,
+                                     progress=progress)

@@ -75,23 +75,52 @@ def test_accelerator_branch_equals_the_cpu_loop(monkeypatch):
     np.testing.assert_allclose(dot_product_attention(q, k, v, mask_bt), on_cpu, rtol=1e-5, atol=1e-6)
 
 
+def _float64_attention(q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs):
+    visible_bts = (kv_segments_bs[:, None, :] != 0) & (
+        (q_segments_bt[:, :, None] == 0) | (q_segments_bt[:, :, None] == kv_segments_bs[:, None, :]))
+    h = q_btnh.shape[-1]
+    scores_bnts = np.where(visible_bts[:, None], np.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / h ** 0.5, -1e30)
+    p_bnts = np.exp(scores_bnts - scores_bnts.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", p_bnts / p_bnts.sum(-1, keepdims=True), v_bsnh)
+
+
+def _segment_cases():
+    """(q_segments [5, 37], kv_segments [5, 70]): key masks, with queries and keys of different lengths (one
+    example with no real key); then packed rows (T = S = 37): several texts, padding, a segment id in two
+    runs, a row of padding only."""
+    key_mask = (np.arange(70)[None] < np.array([70, 1, 0, 33, 64])[:, None]).astype(np.int32)
+    packed = np.array([[1] * 11 + [2] * 20 + [3] * 6,
+                       [1] * 5 + [2] * 12 + [0] * 20,
+                       [7] * 37,
+                       [1] * 9 + [2] * 9 + [1] * 9 + [0] * 10,
+                       [0] * 37], np.int32)
+    return [(np.zeros((5, 37), np.int32), key_mask, 70), (packed, packed, 37)]
+
+
 @pytest.mark.parametrize("h", attention.FUSED_HEAD_SIZES)
-def test_fused_kernel_equals_float64_attention(h):
-    """Every compiled head size; queries and keys of different lengths, row counts that leave partial row
-    blocks, large scores, and an example with no real key (uniform weights, as the masked softmax gives).
-    The kernel's error is that of float32 (the XLA loop's is 1.5-3.6e-6 here)."""
+def test_fused_kernel_and_loop_equal_float64_attention(h):
+    """Every compiled head size, row counts that leave partial row blocks, large scores; a query that sees no key
+    averages all values (uniform weights, as the masked softmax gives). The kernel's error is that of float32."""
     assert cpu_kernels.attention_target() is not None
     rng = np.random.default_rng(h)
-    b, t, s, n = 5, 37, 70, 3
-    q_btnh = rng.standard_normal((b, t, n, h)) * 3
-    k_bsnh, v_bsnh = (rng.standard_normal((b, s, n, h)) for _ in range(2))
-    mask_bs = np.arange(s)[None] < np.array([s, 1, 0, 33, 64])[:, None]
-    scores_bnts = np.where(mask_bs[:, None, None], np.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh) / h ** 0.5, -1e30)
-    p_bnts = np.exp(scores_bnts - scores_bnts.max(-1, keepdims=True))
-    want = np.einsum("bnts,bsnh->btnh", p_bnts / p_bnts.sum(-1, keepdims=True), v_bsnh)
-    got = jax.jit(attention._fused_attention)(*(jnp.asarray(x, jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh)),
-                                              jnp.asarray(mask_bs))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for q_segments, kv_segments, s in _segment_cases():
+        q_btnh = rng.standard_normal((5, 37, 3, h)) * 3
+        k_bsnh, v_bsnh = (rng.standard_normal((5, s, 3, h)) for _ in range(2))
+        want = _float64_attention(q_btnh, k_bsnh, v_bsnh, q_segments, kv_segments)
+        args = (*(jnp.asarray(x, jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh)), q_segments, kv_segments)
+        np.testing.assert_allclose(jax.jit(attention._fused_attention)(*args), want, rtol=1e-5, atol=1e-5)
+        loop = jax.jit(lambda *a: attention._blocked_attention(*a, False))(*args)
+        np.testing.assert_allclose(loop, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_segments_on_the_accelerator_branch(monkeypatch):
+    """The GPU / TPU branch builds the same [B, 1, T, S] visibility from segments."""
+    rng = np.random.default_rng(3)
+    q_segments, kv_segments, _ = _segment_cases()[1]
+    q, k, v = (jnp.asarray(rng.standard_normal((5, 37, 2, 16)), jnp.float32) for _ in range(3))
+    want = _float64_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), q_segments, kv_segments)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    np.testing.assert_allclose(dot_product_attention(q, k, v, kv_segments, q_segments), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_float32_attention_runs_the_fused_kernel():

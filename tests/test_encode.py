@@ -1,13 +1,14 @@
-"""Embedder.encode: pooling, bucketing, order, instructions, Matryoshka truncation."""
+"""Embedder.encode: pooling, packing, order, instructions, Matryoshka truncation."""
 
 import numpy as np
 import pytest
 
 from dret.errors import DretError
-from dret.model import Embedder, length_buckets, pool
+from dret.eval import encode as encode_lib
+from dret.model import Embedder, pool
 
 
-def numpy_pool(h, mask, method, side):
+def numpy_pool(h, mask, method):
     out = []
     for hb, mb in zip(h, mask):
         real = np.flatnonzero(mb)
@@ -16,29 +17,33 @@ def numpy_pool(h, mask, method, side):
         elif method == "mean":
             out.append(hb[real].mean(0))
         else:
-            n = 1 if method == "last" else 8
-            rows = hb[-n:] if side == "left" else hb[real[-n:]]
-            out.append(rows.mean(0))
+            out.append(hb[real[-(1 if method == "last" else 8):]].mean(0))
     return np.stack(out)
 
 
-@pytest.mark.parametrize("method,side", [(m, "right") for m in ("cls", "mean", "last", "last_8")]
-                         + [(m, "left") for m in ("mean", "last", "last_8")])  # cls needs [CLS] first
-def test_pooling_matches_numpy(method, side):
+@pytest.mark.parametrize("method", ["cls", "mean", "last", "last_8"])
+def test_pooling_matches_numpy(method):
     rng = np.random.default_rng(0)
     h = rng.normal(size=(4, 12, 5)).astype(np.float32)
-    lengths = [12, 9, 3, 1]
-    mask = np.array([[1] * n + [0] * (12 - n) for n in lengths])
-    if side == "left":
-        mask = mask[:, ::-1].copy()
-    np.testing.assert_allclose(pool(h, mask, method, side), numpy_pool(h, mask, method, side), rtol=1e-6)
+    mask = np.array([[1] * n + [0] * (12 - n) for n in [12, 9, 3, 1]])
+    np.testing.assert_allclose(pool(h, mask, method), numpy_pool(h, mask, method), rtol=1e-6)
 
 
-def test_length_buckets():
-    assert length_buckets(256) == list(range(16, 257, 16))
-    assert length_buckets(100) == [16, 32, 48, 64, 80, 96, 100]
-    assert length_buckets(512) == list(range(16, 257, 16)) + list(range(288, 513, 32))
-    assert length_buckets(16) == [16]
+def test_packing_fills_rows_and_keeps_every_text_once():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([np.full(300, 256), rng.integers(2, 256, 700)])
+    rows = encode_lib.pack(lengths, 1024, 128)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(lengths)))
+    assert all(lengths[r].sum() <= 1024 and len(r) <= 128 for r in rows)
+    assert lengths.sum() / (len(rows) * 1024) > 0.97  # the rows are nearly full
+    assert [len(r) for r in encode_lib.pack(np.full(10, 3), 16, 2)] == [2] * 5  # at most 2 texts a row
+
+
+def test_row_length():
+    assert encode_lib.row_length(np.array([256] * 100), 1024, 1) == 1024
+    assert encode_lib.row_length(np.array([5, 9]), 1024, 1) == 16  # a small input compiles small
+    assert encode_lib.row_length(np.array([5] * 100), 1024, 8) == 64  # spread over 8 devices
+    assert encode_lib.row_length(np.array([700]), 512, 1) == 1024  # the longest text always fits
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def minilm(minilm_dir):
     return Embedder.from_pretrained(minilm_dir)
 
 
-def test_order_and_buckets_do_not_change_vectors(minilm):
+def test_order_and_packing_do_not_change_vectors(minilm):
     texts = ["short", "a much longer text " * 20, "medium length text here", "x " * 300, ""]
     together = minilm.encode(texts, batch_size=2)
     alone = np.concatenate([minilm.encode([t]) for t in texts])
@@ -73,30 +78,3 @@ def test_max_length_truncates(minilm):
     long_text = "retrieval " * 300
     assert not np.allclose(minilm.encode([long_text], max_length=16), minilm.encode([long_text], max_length=256))
     assert minilm.max_length == 256  # from sentence_bert_config.json
-
-
-def _plan_cost(natural, rows, padded, compile_tokens):
-    return sum(r * p for r, p in zip(rows, padded)) + compile_tokens * len(set(padded))
-
-
-def test_plan_lengths_is_the_cheapest_cover():
-    """The plan equals a brute-force search over every set of compiled lengths (the longest always compiled)."""
-    import itertools
-
-    from dret.eval.encode import plan_lengths
-
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        natural = sorted(rng.choice(np.arange(16, 257, 16), size=int(rng.integers(1, 12))).tolist(), reverse=True)
-        rows = rng.integers(1, 65, size=len(natural)).tolist()
-        compile_tokens = float(rng.choice([0, 500, 3000, 20000]))
-        padded = plan_lengths(natural, rows, compile_tokens)
-        assert padded[0] == natural[0] and all(p >= n for p, n in zip(padded, natural))
-        assert padded == sorted(padded, reverse=True)
-        lengths = sorted(set(natural), reverse=True)
-        brute = min(_plan_cost(natural, rows, [min(c for c in (lengths[0], *extra) if c >= n) for n in natural],
-                               compile_tokens)
-                    for k in range(len(lengths)) for extra in itertools.combinations(lengths[1:], k))
-        assert _plan_cost(natural, rows, padded, compile_tokens) == pytest.approx(brute)
-    assert plan_lengths([64, 32, 32, 16], [64] * 4, 0) == [64, 32, 32, 16]
-    assert plan_lengths([64, 32, 32, 16], [64] * 4, 1e9) == [64] * 4

@@ -6,7 +6,6 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 
-from dret.errors import DretError
 from dret.hf_io import load_model
 from dret.model import Embedder
 
@@ -88,36 +87,13 @@ def test_random_encoder_hidden_states_match_transformers(kind, tmp_path):
     got = np.asarray(model(ids.astype(np.int32), mask.astype(np.int32)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], expected[real], rtol=1e-4, atol=1e-5)
-
-
-def test_left_padding_matches_transformers_left_padded(minilm_dir):
-    """`padding_side='left'` (the eval's --padding_side) pads like a left-padding HF tokenizer; BERT's absolute
-    positions then count the pads, exactly as transformers does, so compare at the same padded length."""
-    from dret.model import length_buckets
-
-    texts = [t for t in varied_texts() if t][:16]
-    ours_model = Embedder.from_pretrained(minilm_dir)
-    ours_model.padding_side = "left"
-    ours = ours_model.encode(texts, batch_size=16, max_length=128)
-    longest = max(len(ids) for ids in ours_model.tokenize(texts, 128))
-    padded_length = next(b for b in length_buckets(128) if b >= longest)
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir, padding_side="left")
-    enc = tok(texts, truncation=True, max_length=128, padding="max_length", return_tensors="pt")
-    enc = {k: v[:, -padded_length:] for k, v in enc.items()}
-    with torch.no_grad():
-        h = transformers.BertModel.from_pretrained(minilm_dir).eval()(**enc).last_hidden_state
-    mask = enc["attention_mask"][..., None].float()
-    ref = ((h * mask).sum(1) / mask.sum(1)).numpy()
-    assert cosine_rows(ours, ref).min() >= MIN_COSINE
-    right = Embedder.from_pretrained(minilm_dir).encode(texts, batch_size=16, max_length=128)
-    assert cosine_rows(ours, right).min() < MIN_COSINE  # the pads shift BERT's positions: not a no-op
-
-
-def test_left_padding_with_cls_pooling_is_refused(minilm_dir):
-    model = Embedder.from_pretrained(minilm_dir, pooling="cls")
-    model.padding_side = "left"
-    with pytest.raises(DretError, match="cls pooling reads position 0"):
-        model.encode(["a text"])
+    # The three texts packed into one row (as encode packs them): segments 1..3, positions from 0 in each.
+    lengths = [20, 13, 4]
+    packed_ids = np.concatenate([ids[r, :n] for r, n in enumerate(lengths)])[None].astype(np.int32)
+    segments = np.repeat(np.arange(1, 4), lengths)[None].astype(np.int32)
+    positions = np.concatenate([np.arange(n) for n in lengths])[None].astype(np.int32)
+    packed = np.asarray(model(packed_ids, segments, positions_bt=positions))[0]
+    np.testing.assert_allclose(packed, expected[real], rtol=1e-4, atol=1e-5)
 
 
 def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
@@ -125,7 +101,7 @@ def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
     change embeddings, so compare against the same forward compiled with XLA's defaults."""
     from flax import nnx
 
-    from dret.eval.encode import _pad
+    from dret.eval.encode import PackedBatch, pack
     from dret.model import jit_forward
     from dret.models.xla_cpu import inference_compiler_options
 
@@ -134,8 +110,11 @@ def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
     assert inference_compiler_options("bfloat16") is None
     graphdef, state = nnx.split(embedder.backbone)
     default_jit = jit_forward(graphdef, None)
-    ids_bt, mask_bt = _pad(embedder.tokenize(varied_texts()[:16], 128), np.arange(16), 16, 128, 0, "right")
-    args = dict(pooling="mean", padding_side="right", normalize=True, dim=None)
-    ours = np.asarray(embedder._jitted(state, ids_bt, mask_bt, **args))
-    default = np.asarray(default_jit(state, ids_bt, mask_bt, **args))
+    ids = embedder.tokenize(varied_texts()[:16], 128)
+    rows = pack(np.array([len(x) for x in ids]), 256, 32)
+    batch = PackedBatch.build(ids, rows, len(rows), 256, 32, 0)
+    arrays = (batch.ids_rl, batch.slots_rl, batch.positions_rl, batch.lengths_rl)
+    args = dict(texts_per_row=32, pooling="mean", normalize=True, dim=None)
+    ours = np.asarray(embedder._jitted(state, *arrays, **args))
+    default = np.asarray(default_jit(state, *arrays, **args))
     np.testing.assert_allclose(ours, default, atol=2e-6)

@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--passage_max_length", type=int)
     m.add_argument("--eval_batch_size", type=int, default=64)
     m.add_argument("--pad_token")
-    m.add_argument("--padding_side", choices=("right", "left"))
+    m.add_argument("--padding_side", choices=("right", "left"),
+                   help="accepted for the reference's command lines; texts are packed without padding, so either "
+                        "side gives the same vectors")
     m.add_argument("--add_bos_token", type=int, choices=(0, 1))
     m.add_argument("--add_eos_token", type=int, choices=(0, 1))
     m.add_argument("--dim", type=int, help="Matryoshka truncation of the embeddings")
@@ -88,8 +90,7 @@ def _options(args) -> EvalOptions:
 def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
     """Every requested data set with one model (loaded at most once, and only if some embedding is not cached)."""
     load, model_key = model_dir.resolve(model, pooling=args.pooling_method, dtype=args.dtype, step=step,
-                                        pad_token=args.pad_token, padding_side=args.padding_side,
-                                        add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token,
+                                        pad_token=args.pad_token, add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token,
                                         allow_pickle=args.allow_pickle)
     opts = _options(args)
     embedder = []  # loaded once, shared by every data set

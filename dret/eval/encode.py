@@ -1,16 +1,16 @@
-"""Jitted, length-bucketed, data-parallel encoding of token ids: one compile per padded length.
+"""Jitted, packed, data-parallel encoding of token ids: texts share rows, so nothing is padded and one shape
+is compiled.
 
-Rows are sorted by length (longest first) and cut into batches; each batch is padded to a bucket length that fits
-its longest row and sharded over all local devices (the 'data' axis). The first batch is timed: its compile and
-its run price a compile in padded tokens, and `plan_lengths` then pads later batches up to an already compiled
-length wherever that costs less than compiling a new one. The next batch is dispatched before the previous one is
-copied back, so host padding overlaps device work.
+Texts are packed into rows of `row_tokens` tokens (longest first, gaps filled with the shortest texts), each text
+its own attention segment with positions from 0, and rows are cut into batches sharded over all local devices
+(the 'data' axis). The unused tail of a row is one more segment that no text pools. The next batch is dispatched
+before the previous one is copied back, so host packing overlaps device work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
 
 import jax
 import numpy as np
@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from dret.sharding import ActivationConstraint, batch_sharding, make_mesh
 
-CACHED_DISPATCH_S = 0.05  # a first dispatch faster than this found its shape already compiled
+MIN_ROW_TOKENS = 16
+TOKENS_PER_TEXT_SLOT = 8  # a row has row_tokens // 8 text slots: shorter texts leave part of a row empty
 
 
 @functools.cache
@@ -39,78 +40,100 @@ def batch_rules() -> ActivationConstraint:
     return ActivationConstraint(data_mesh())
 
 
-def plan_lengths(natural: list[int], rows: list[int], compile_tokens: float) -> list[int]:
-    """Padded length per batch (batches longest first, `natural[i]` the smallest bucket that fits batch i, with
-    `rows[i]` rows) that minimises padded tokens + compile_tokens per distinct length. The first length is fixed."""
-    lengths = sorted(set(natural), reverse=True)  # candidate lengths, each one compile
-    weight = {u: sum(r for n, r in zip(natural, rows) if n == u) for u in lengths}
-    # best[j]: cost of the batches of lengths[j:] when lengths[j] is compiled; choice[j]: next compiled index
-    best, choice = [0.0] * (len(lengths) + 1), [len(lengths)] * len(lengths)
-    for j in range(len(lengths) - 1, -1, -1):
-        padded, best[j] = 0.0, float("inf")
-        for m in range(j + 1, len(lengths) + 1):
-            padded += weight[lengths[m - 1]] * lengths[j]
-            cost = compile_tokens + padded + best[m]
-            if cost < best[j]:
-                best[j], choice[j] = cost, m
-    padded_to, j = {}, 0
-    while j < len(lengths):
-        for m in range(j, choice[j]):
-            padded_to[lengths[m]] = lengths[j]
-        j = choice[j]
-    return [padded_to[n] for n in natural]
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _pad(ids: list[list[int]], rows: np.ndarray, b: int, t: int, pad_id: int, padding_side: str):
-    ids_bt = np.full((b, t), pad_id, np.int32)
-    mask_bt = np.zeros((b, t), np.int32)
-    for i, r in enumerate(rows):
-        n = len(ids[r])
-        cols = slice(t - n, t) if padding_side == "left" else slice(0, n)
-        ids_bt[i, cols] = ids[r]
-        mask_bt[i, cols] = 1
-    return ids_bt, mask_bt
+def row_length(lengths: np.ndarray, target: int, n_dev: int) -> int:
+    """Tokens per packed row: `target` (or the power of two that holds the longest text, if longer); a small
+    input gets the power of two (at least MIN_ROW_TOKENS) that spreads it over the devices, so it compiles small."""
+    longest = _pow2_at_least(max(int(lengths.max()), MIN_ROW_TOKENS))
+    spread = _pow2_at_least(-(-int(lengths.sum()) // n_dev))
+    return max(longest, min(target, spread))
 
 
-def encode_ids(forward, ids: list[list[int]], *, out_dim: int, batch_size: int, buckets: list[int],
-               pad_id: int, padding_side: str = "right", progress: bool = True) -> np.ndarray:
-    """Token id lists -> float32 [N, out_dim] with `forward(ids_bt, mask_bt) -> [B, out_dim]` (jitted);
-    pad tokens after each row's ids (right) or before them (left)."""
-    n_dev = len(jax.local_devices())
-    batch_size = -(-batch_size // n_dev) * n_dev
-    sharding = batch_sharding(data_mesh())
-    lengths = np.array([len(x) for x in ids], np.int64)
+def pack(lengths: np.ndarray, row_tokens: int, texts_per_row: int) -> list[np.ndarray]:
+    """Text indices per row, in O(N): each row takes the longest texts left while they fit, then the shortest.
+    Every text fits (`row_tokens` >= the longest)."""
     order = np.argsort(-lengths, kind="stable")
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    natural = [next(b for b in buckets if b >= lengths[rows[0]]) for rows in batches]
-    padded_lengths = natural
+    head, tail = 0, len(order) - 1
+    rows = []
+    while head <= tail:
+        row, free = [], row_tokens
+        while head <= tail and len(row) < texts_per_row and lengths[order[head]] <= free:
+            row.append(order[head])
+            free -= lengths[order[head]]
+            head += 1
+        while head <= tail and len(row) < texts_per_row and lengths[order[tail]] <= free:
+            row.append(order[tail])
+            free -= lengths[order[tail]]
+            tail -= 1
+        rows.append(np.array(row))
+    return rows
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """One batch of packed rows [R, L]; text k of row r lands in slot k (slot `texts_per_row` = no text)."""
+    ids_rl: np.ndarray
+    slots_rl: np.ndarray  # the token's slot in its row; the segment is slot + 1
+    positions_rl: np.ndarray  # the token's position in its text
+    lengths_rl: np.ndarray  # the length of the token's text (0 in a row's unused tail)
+    texts: list[np.ndarray]  # per row: input index of the text in each slot
+
+    @classmethod
+    def build(cls, ids: list[list[int]], rows: list[np.ndarray], n_rows: int, row_tokens: int, texts_per_row: int,
+              pad_id: int) -> "PackedBatch":
+        shape = (n_rows, row_tokens)
+        batch = cls(np.full(shape, pad_id, np.int32), np.full(shape, texts_per_row, np.int32),
+                    np.zeros(shape, np.int32), np.zeros(shape, np.int32), rows)
+        for r, row in enumerate(rows):
+            start = 0
+            for k, i in enumerate(row):
+                n = len(ids[i])
+                cols = slice(start, start + n)
+                batch.ids_rl[r, cols] = ids[i]
+                batch.slots_rl[r, cols] = k
+                batch.positions_rl[r, cols] = np.arange(n)
+                batch.lengths_rl[r, cols] = n
+                start += n
+        return batch
+
+
+def encode_ids(forward, ids: list[list[int]], *, out_dim: int, tokens_per_batch: int, row_tokens: int,
+               pad_id: int, progress: bool = True) -> np.ndarray:
+    """Token id lists -> float32 [N, out_dim] with `forward(ids_rl, slots_rl, positions_rl, lengths_rl,
+    texts_per_row=K) -> [R, K, out_dim]` (jitted). Rows hold up to `row_tokens` tokens (a target, see
+    `row_length`); a batch holds about `tokens_per_batch`."""
+    n_dev = len(jax.local_devices())
+    lengths = np.array([len(x) for x in ids], np.int64)
+    row_tokens = row_length(lengths, row_tokens, n_dev)
+    texts_per_row = max(1, row_tokens // TOKENS_PER_TEXT_SLOT)
+    rows = pack(lengths, row_tokens, texts_per_row)
+    rows_per_batch = -(-max(1, tokens_per_batch // row_tokens) // n_dev) * n_dev
+    sharding = batch_sharding(data_mesh())
     out_nd = np.zeros((len(ids), out_dim), np.float32)
     pending = None
-    bar = tqdm(total=len(ids), desc="encode", unit="text", disable=not progress or len(ids) <= batch_size,
+    bar = tqdm(total=len(ids), desc="encode", unit="text", disable=not progress or len(rows) <= rows_per_batch,
                leave=False)
-    for i, rows in enumerate(batches):
-        # A short last batch is padded to a power of two (at least one row per device): few extra compiles.
-        b = min(batch_size, max(n_dev, 1 << (len(rows) - 1).bit_length()))
-        b = -(-b // n_dev) * n_dev
-        t = padded_lengths[i]
-        ids_bt, mask_bt = _pad(ids, rows, b, t, pad_id, padding_side)
-        start = time.perf_counter()
-        v_bd = forward(jax.device_put(ids_bt, sharding), jax.device_put(mask_bt, sharding))
-        if i == 0 and len(batches) > 2:
-            compile_s = time.perf_counter() - start
-            v_bd.block_until_ready()
-            token_s = max(time.perf_counter() - start - compile_s, 1e-9) / (b * t)
-            if compile_s > CACHED_DISPATCH_S:
-                padded_lengths = plan_lengths(natural, [len(r) for r in batches], compile_s / token_s)
+    for s in range(0, len(rows), rows_per_batch):
+        batch_rows = rows[s:s + rows_per_batch]
+        # A short last batch is padded with empty rows to a power of two (a multiple of the devices): few compiles.
+        n_rows = min(rows_per_batch, -(-_pow2_at_least(len(batch_rows)) // n_dev) * n_dev)
+        batch = PackedBatch.build(ids, batch_rows, n_rows, row_tokens, texts_per_row, pad_id)
+        arrays = (batch.ids_rl, batch.slots_rl, batch.positions_rl, batch.lengths_rl)
+        v_rkd = forward(*(jax.device_put(x, sharding) for x in arrays), texts_per_row=texts_per_row)
         if pending is not None:
             _fetch(out_nd, *pending, bar)
-        pending = (rows, v_bd)
+        pending = (batch.texts, v_rkd)
     if pending is not None:
         _fetch(out_nd, *pending, bar)
     bar.close()
     return out_nd
 
 
-def _fetch(out_nd: np.ndarray, rows: np.ndarray, v_bd: jax.Array, bar) -> None:
-    out_nd[rows] = np.asarray(v_bd)[:len(rows)]
-    bar.update(len(rows))
+def _fetch(out_nd: np.ndarray, texts: list[np.ndarray], v_rkd: jax.Array, bar) -> None:
+    v_rkd = np.asarray(v_rkd)
+    for r, row in enumerate(texts):
+        out_nd[row] = v_rkd[r, :len(row)]
+    bar.update(sum(len(row) for row in texts))

@@ -8,12 +8,11 @@ from dret.errors import DretError
 from dret.eval import cache
 
 
-def _tokenizer_options(embedder, pad_token, padding_side, add_bos_token, add_eos_token):
+def _tokenizer_options(embedder, pad_token, add_bos_token, add_eos_token):
     """The reference's tokenizer switches."""
     tok = embedder.tokenizer
     if pad_token:
         tok.pad_token = pad_token
-    embedder.padding_side = padding_side or embedder.padding_side
     for name, value in (("add_bos_token", add_bos_token), ("add_eos_token", add_eos_token)):
         if value is not None:
             if not hasattr(tok, name):
@@ -23,14 +22,14 @@ def _tokenizer_options(embedder, pad_token, padding_side, add_bos_token, add_eos
 
 
 def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, step: int | None = None,
-            pad_token: str | None = None, padding_side: str | None = None, add_bos_token: int | None = None,
-            add_eos_token: int | None = None, allow_pickle: bool = False):
+            pad_token: str | None = None, add_bos_token: int | None = None, add_eos_token: int | None = None,
+            allow_pickle: bool = False):
     """(load() -> Embedder, cache key of the weights and every option that changes vectors)."""
     if not os.path.isdir(path):
         raise DretError(f"--model {path} does not exist")
-    extra = (pad_token, padding_side, add_bos_token, add_eos_token)
-    options = dict(pooling=pooling, dtype=dtype, pad_token=pad_token, padding_side=padding_side,
-                   add_bos_token=add_bos_token, add_eos_token=add_eos_token)
+    extra = (pad_token, add_bos_token, add_eos_token)
+    options = dict(pooling=pooling, dtype=dtype, pad_token=pad_token, add_bos_token=add_bos_token,
+                   add_eos_token=add_eos_token)
     if os.path.isfile(os.path.join(path, "config.json")):
         def load():
             from dret.model import Embedder

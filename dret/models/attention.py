@@ -20,48 +20,61 @@ def _implementation(dtype) -> str | None:
     return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else None
 
 
-def dot_product_attention(q_btnh, k_bsnh, v_bsnh, key_mask_bs, *, is_causal: bool = False):
-    """Softmax attention with padded keys masked out; softmax in float32, output in q's dtype."""
+def dot_product_attention(q_btnh, k_bsnh, v_bsnh, kv_segments_bs, q_segments_bt=None, *, is_causal: bool = False):
+    """Softmax attention in float32, output in q's dtype. Query i sees key j when key j's segment is nonzero (a
+    real token) and equals query i's segment, or query i's is 0. Packed rows hold several texts, one segment
+    each; without `q_segments_bt` (all 0) `kv_segments_bs` is a plain key mask."""
     dtype = q_btnh.dtype
+    b, t, s = q_btnh.shape[0], q_btnh.shape[1], k_bsnh.shape[1]
+    kv_segments_bs = kv_segments_bs.astype(jnp.int32)
+    q_segments_bt = jnp.zeros((b, t), jnp.int32) if q_segments_bt is None else q_segments_bt.astype(jnp.int32)
     if jax.default_backend() == "cpu":
         q_btnh, k_bsnh, v_bsnh = (x.astype(jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh))
         fused = (not is_causal and q_btnh.shape[-1] in FUSED_HEAD_SIZES and k_bsnh.shape[2] == q_btnh.shape[2]
                  and cpu_kernels.attention_target() is not None)
-        attend = per_batch_shard(_fused_attention, q_btnh.shape[0]) if fused else functools.partial(
+        attend = per_batch_shard(_fused_attention, b) if fused else functools.partial(
             _blocked_attention, is_causal=is_causal)
-        return attend(q_btnh, k_bsnh, v_bsnh, key_mask_bs.astype(bool)).astype(dtype)
-    t, s = q_btnh.shape[1], k_bsnh.shape[1]
-    mask_b1ts = jnp.broadcast_to(key_mask_bs[:, None, None, :].astype(bool), (q_btnh.shape[0], 1, t, s))  # cuDNN
+        return attend(q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs).astype(dtype)
+    mask_b1ts = _visible(q_segments_bt, kv_segments_bs)[:, None]  # cuDNN takes a [B, 1, T, S] mask
     return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_b1ts, is_causal=is_causal,
                                         implementation=_implementation(dtype)).astype(dtype)
 
 
+def _visible(q_segments_bt, kv_segments_bs):
+    """[B, T, S]: which keys each query sees (see `dot_product_attention`)."""
+    q_bt1, kv_b1s = q_segments_bt[:, :, None], kv_segments_bs[:, None, :]
+    return (kv_b1s != 0) & ((q_bt1 == 0) | (q_bt1 == kv_b1s))
+
+
 @jax.custom_vjp
-def _fused_attention(q_btnh, k_bsnh, v_bsnh, mask_bs):
+def _fused_attention(q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs):
     """Scores, softmax and values in one pass per (example, head) in `cpu_attention.cc` (float32); its gradient
     is the cache-blocked loop's."""
     out_type = jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32)
-    return jax.ffi.ffi_call(cpu_kernels.ATTENTION_TARGET, out_type)(q_btnh, k_bsnh, v_bsnh, mask_bs.astype(jnp.int32))
+    return jax.ffi.ffi_call(cpu_kernels.ATTENTION_TARGET, out_type)(q_btnh, k_bsnh, v_bsnh, q_segments_bt,
+                                                                    kv_segments_bs)
 
 
-def _fused_forward(q_btnh, k_bsnh, v_bsnh, mask_bs):
-    return _fused_attention(q_btnh, k_bsnh, v_bsnh, mask_bs), (q_btnh, k_bsnh, v_bsnh, mask_bs)
+def _fused_forward(q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs):
+    saved = (q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs)
+    return _fused_attention(*saved), saved
 
 
 def _fused_backward(saved, g_btnh):
-    q_btnh, k_bsnh, v_bsnh, mask_bs = saved
-    _, vjp = jax.vjp(lambda q, k, v: _blocked_attention(q, k, v, mask_bs, False), q_btnh, k_bsnh, v_bsnh)
-    return (*vjp(g_btnh), None)
+    q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs = saved
+    _, vjp = jax.vjp(lambda q, k, v: _blocked_attention(q, k, v, q_segments_bt, kv_segments_bs, False),
+                     q_btnh, k_bsnh, v_bsnh)
+    return (*vjp(g_btnh), None, None)
 
 
 _fused_attention.defvjp(_fused_forward, _fused_backward)
 
 
-def _attend(q_ctnh, k_csnh, v_csnh, mask_cs, is_causal: bool):
+def _attend(q_ctnh, k_csnh, v_csnh, q_segments_ct, kv_segments_cs, is_causal: bool):
     """Attention of a few examples, small enough that the [c, N, T, S] scores stay in cache."""
     q_cnth, k_cnsh, v_cnsh = (jnp.swapaxes(x, 1, 2) for x in (q_ctnh, k_csnh, v_csnh))
     scores_cnts = (q_cnth * q_cnth.shape[-1] ** -0.5) @ jnp.swapaxes(k_cnsh, -1, -2)
-    keep_c1ts = mask_cs[:, None, None, :]
+    keep_c1ts = _visible(q_segments_ct, kv_segments_cs)[:, None]
     if is_causal:
         t, s = scores_cnts.shape[-2:]
         keep_c1ts = keep_c1ts & jnp.tril(jnp.ones((t, s), bool), s - t)
@@ -70,16 +83,17 @@ def _attend(q_ctnh, k_csnh, v_csnh, mask_cs, is_causal: bool):
     return jnp.swapaxes((unnormed_cnts @ v_cnsh) / unnormed_cnts.sum(-1, keepdims=True), 1, 2)
 
 
-def _blocked_attention(q_btnh, k_bsnh, v_bsnh, mask_bs, is_causal: bool):
+def _blocked_attention(q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs, is_causal: bool):
     """XLA:CPU writes every [B, N, T, S] intermediate to memory and keeps them for the backward pass; looping
     over examples keeps them in cache and, with each step rematerialised, stores only q, k and v (flash-style).
 
     Unsharded, a step takes CPU_STREAMS examples as separate ops, which XLA:CPU runs side by side on its
     threads: per-example attention ops are too small to split well across cores (about 30% faster)."""
-    attend = jax.checkpoint(lambda q, k, v, m: _attend(q, k, v, m, is_causal))
+    attend = jax.checkpoint(lambda q, k, v, qs, ks: _attend(q, k, v, qs, ks, is_causal))
+    args = (q_btnh, k_bsnh, v_bsnh, q_segments_bt, kv_segments_bs)
     if batch_shards() > 1:  # slicing a sharded batch would move data between devices
-        return map_examples(attend, (q_btnh, k_bsnh, v_bsnh, mask_bs), 1)
+        return map_examples(attend, args, 1)
 
     def streams(*xs):
         return jnp.concatenate([attend(*(x[i:i + 1] for x in xs)) for i in range(xs[0].shape[0])])
-    return map_examples(streams, (q_btnh, k_bsnh, v_bsnh, mask_bs), CPU_STREAMS)
+    return map_examples(streams, args, CPU_STREAMS)

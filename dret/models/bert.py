@@ -133,11 +133,11 @@ class Layer(nnx.Module):
         self.mlp_out = _dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs)
         self.mlp_norm = _norm(d, eps, param_dtype, rngs)
 
-    def __call__(self, x_btd, mask_bt, dropout_rng):
+    def __call__(self, x_btd, segments_bt, dropout_rng):
         b, t, d = x_btd.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
         attn_btnh = dot_product_attention(
-            split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd)), mask_bt)
+            split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd)), segments_bt, segments_bt)
         rng_a, rng_m = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
         h = self.attn_out(attn_btnh.reshape(b, t, d))
         x_btd = self.attn_norm(x_btd + _dropout(h, self.dropout_rate, rng_a)).astype(x_btd.dtype)
@@ -158,42 +158,48 @@ class BertModel(nnx.Module):
         self.embeddings = Embeddings(cfg, dtype, param_dtype, rngs)
         self.layers = nnx.List([Layer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, ids_bt, mask_bt, *, dropout_rng: jax.Array | None = None):
-        """`mask_bt` is 1 for real tokens; `dropout_rng` None means deterministic (eval)."""
+    def __call__(self, ids_bt, mask_bt, *, positions_bt=None, dropout_rng: jax.Array | None = None):
+        """`mask_bt` is 0 for padding and otherwise the token's segment: tokens attend within their segment, so
+        a packed row holds several texts (1 for every real token: one text per row). `positions_bt` are the
+        tokens' positions within their texts (None: as HF counts them in a padded row); `dropout_rng` None
+        means deterministic (eval)."""
         cfg = self.config
-        if cfg.position_offset:
-            position_ids_bt = jnp.cumsum(mask_bt, axis=1) * mask_bt + cfg.pad_token_id
+        if positions_bt is not None:
+            position_ids_bt = positions_bt + cfg.position_offset
+        elif cfg.position_offset:
+            position_ids_bt = jnp.cumsum(mask_bt != 0, axis=1) * (mask_bt != 0) + cfg.pad_token_id
         else:
             position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
         x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt)).astype(self.dtype)
         x_btd = constrain(x_btd, ACTIVATION_AXES)
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
-        mask_bt = mask_bt.astype(bool)
+        segments_bt = mask_bt.astype(jnp.int32)
         for i, layer in enumerate(self.layers):
             if dropout_rng is None:
-                x_btd = _inference_layer(layer, x_btd, mask_bt)
+                x_btd = _inference_layer(layer, x_btd, segments_bt)
             else:
                 rng = jax.random.fold_in(dropout_rng, i)
-                x_btd = _rematerialised(layer, x_btd, mask_bt, rng) if self.remat else layer(x_btd, mask_bt, rng)
+                x_btd = (_rematerialised(layer, x_btd, segments_bt, rng) if self.remat
+                         else layer(x_btd, segments_bt, rng))
             x_btd = constrain(x_btd, ACTIVATION_AXES)
         return x_btd
 
 
-def _inference_layer(layer: Layer, x_btd, mask_bt):
+def _inference_layer(layer: Layer, x_btd, segments_bt):
     """On CPU the layer runs over blocks of about CPU_BLOCK_TOKENS tokens, so a block's [4T, 4D]-sized
     intermediates stay in cache (about 20% faster encoding than whole batches; 1024-token blocks ran MiniLM 3-10%
     faster than 4-example blocks at 64 and 128 tokens, and 2-example blocks were slower at 256). Training keeps
     whole-batch layers: its dropout masks are drawn batch-wide."""
-    b, t = mask_bt.shape
+    b, t = segments_bt.shape
     examples = max(1, CPU_BLOCK_TOKENS // t)
     if jax.default_backend() != "cpu" or examples_per_step(b, examples) == b:
-        return layer(x_btd, mask_bt, None)  # one block: the layer itself (qwix adds LoRA adapters on such a call)
+        return layer(x_btd, segments_bt, None)  # one block: the layer itself (qwix adds LoRA adapters on such a call)
     graphdef, state = nnx.split(layer)
-    return map_examples(lambda x, m: nnx.merge(graphdef, state)(x, m, None), (x_btd, mask_bt), examples)
+    return map_examples(lambda x, m: nnx.merge(graphdef, state)(x, m, None), (x_btd, segments_bt), examples)
 
 
-def _rematerialised(layer: Layer, x_btd, mask_bt, rng):
+def _rematerialised(layer: Layer, x_btd, segments_bt, rng):
     """The layer under jax.checkpoint as a pure function of its state (so LoRA adapters work inside it)."""
     graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda s, x, m, r: nnx.merge(graphdef, s)(x, m, r))(state, x_btd, mask_bt, rng)
+    return jax.checkpoint(lambda s, x, m, r: nnx.merge(graphdef, s)(x, m, r))(state, x_btd, segments_bt, rng)
