@@ -1,7 +1,10 @@
 """BERT-family encoders in Flax NNX: BERT, RoBERTa / XLM-R (offset position ids), ERNIE 3.0 (task types).
 
 Parameters name logical axes only; `dret.sharding` maps them to a mesh. Compute dtype (`dtype`) and
-parameter dtype (`param_dtype`) are separate; layer norms and softmax run in float32.
+parameter dtype (`param_dtype`) are separate. Matmuls take compute-dtype inputs and give float32 results, and
+the residual stream, layer norms and softmax stay float32 (as under torch autocast, which keeps matmul outputs
+in bf16). In bf16 this halved the embeddings' error from fp32 (SciFact NDCG@10 0.0001 from fp32 instead of
+0.0024), and XLA:CPU's bf16 dots with float32 results ran MiniLM about 1.5x faster than fp32 on AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class BertConfig:
 
 def _dense(n_in, n_out, axes, dtype, param_dtype, rngs):
     return nnx.Linear(
-        n_in, n_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        n_in, n_out, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs,
         kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
     )
@@ -122,6 +125,7 @@ class Layer(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype, param_dtype, rngs: nnx.Rngs):
         d, f, eps = cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps
         self.num_heads = cfg.num_attention_heads
+        self.dtype = dtype
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.dropout_rate = cfg.hidden_dropout_prob
         self.query = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
@@ -135,18 +139,18 @@ class Layer(nnx.Module):
 
     def __call__(self, x_btd, segments_bt, dropout_rng):
         b, t, d = x_btd.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
+        split = lambda y: y.astype(self.dtype).reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
         attn_btnh = dot_product_attention(
             split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd)), segments_bt, segments_bt)
         rng_a, rng_m = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
         h = self.attn_out(attn_btnh.reshape(b, t, d))
-        x_btd = self.attn_norm(x_btd + _dropout(h, self.dropout_rate, rng_a)).astype(x_btd.dtype)
+        x_btd = self.attn_norm(x_btd + _dropout(h, self.dropout_rate, rng_a))
         h = self.mlp_out(self.act(self.mlp_in(x_btd)))
-        return self.mlp_norm(x_btd + _dropout(h, self.dropout_rate, rng_m)).astype(x_btd.dtype)
+        return self.mlp_norm(x_btd + _dropout(h, self.dropout_rate, rng_m))
 
 
 class BertModel(nnx.Module):
-    """Token ids [B, T] -> last hidden states [B, T, D] in the compute dtype."""
+    """Token ids [B, T] -> last hidden states [B, T, D] in float32."""
 
     def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
@@ -170,7 +174,7 @@ class BertModel(nnx.Module):
             position_ids_bt = jnp.cumsum(mask_bt != 0, axis=1) * (mask_bt != 0) + cfg.pad_token_id
         else:
             position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
-        x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt)).astype(self.dtype)
+        x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt))
         x_btd = constrain(x_btd, ACTIVATION_AXES)
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
