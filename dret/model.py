@@ -91,7 +91,8 @@ def _forward(graphdef, state, ids_rl, slots_rl, positions_rl, lengths_rl, *, tex
     """Packed rows [R, L] (`dret.eval.encode.PackedBatch`) -> vectors [R, texts_per_row, dim]."""
     model = nnx.merge(graphdef, state)
     with activation_rules(encode_lib.batch_rules()):
-        h_rld = model(ids_rl, slots_rl + 1, positions_bt=positions_rl)
+        segments_rl = jnp.where(lengths_rl.max(1, keepdims=True) > 0, slots_rl + 1, 0)  # 0: an empty row
+        h_rld = model(ids_rl, segments_rl, positions_bt=positions_rl)
     w_rl = pool_weights(positions_rl, lengths_rl, pooling)
     per_row = jax.vmap(lambda h_ld, s_l: jax.ops.segment_sum(h_ld, s_l, num_segments=texts_per_row + 1))
     v_rkd = per_row(h_rld.astype(jnp.float32) * w_rl[..., None], slots_rl)[:, :texts_per_row]

@@ -78,3 +78,18 @@ def test_max_length_truncates(minilm):
     long_text = "retrieval " * 300
     assert not np.allclose(minilm.encode([long_text], max_length=16), minilm.encode([long_text], max_length=256))
     assert minilm.max_length == 256  # from sentence_bert_config.json
+
+
+def test_a_block_of_empty_rows_passes_through_the_layers(minilm):
+    """Packed batches are filled up with empty rows (segment 0); on CPU the layers skip a block of them."""
+    import jax.numpy as jnp
+
+    model = minilm.backbone
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1000, 5000, (8, 256)), jnp.int32)
+    segments = jnp.asarray(np.repeat([1, 1, 1, 1, 0, 0, 0, 0], 256).reshape(8, 256), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(256), (8, 256))
+    h = np.asarray(model(ids, segments, positions_bt=positions))  # 1024-token blocks: rows 0-3, then rows 4-7
+    np.testing.assert_allclose(h[:4], model(ids[:4], segments[:4], positions_bt=positions[:4]), atol=1e-5)
+    embedded = model.embeddings(ids[4:], positions[4:], jnp.zeros_like(ids[4:]))
+    np.testing.assert_array_equal(h[4:], embedded)

@@ -3,7 +3,8 @@ is compiled.
 
 Texts are packed into rows of `row_tokens` tokens (longest first, gaps filled with the shortest texts), each text
 its own attention segment with positions from 0, and rows are cut into batches sharded over all local devices
-(the 'data' axis). The unused tail of a row is one more segment that no text pools. The next batch is dispatched
+(the 'data' axis). The unused tail of a row is one more segment that no text pools; a row with no text is
+segment 0 throughout, which the model skips. The next batch is dispatched
 before the previous one is copied back, so host packing overlaps device work.
 """
 
@@ -118,8 +119,10 @@ def encode_ids(forward, ids: list[list[int]], *, out_dim: int, tokens_per_batch:
                leave=False)
     for s in range(0, len(rows), rows_per_batch):
         batch_rows = rows[s:s + rows_per_batch]
-        # A short last batch is padded with empty rows to a power of two (a multiple of the devices): few compiles.
-        n_rows = min(rows_per_batch, -(-_pow2_at_least(len(batch_rows)) // n_dev) * n_dev)
+        # A short batch is padded with empty rows, which the model skips on CPU: to the full batch (its compiled
+        # shape) when at least a quarter full, else to a power of two (a multiple of the devices).
+        n_rows = rows_per_batch if 4 * len(batch_rows) >= rows_per_batch else min(
+            rows_per_batch, -(-_pow2_at_least(len(batch_rows)) // n_dev) * n_dev)
         batch = PackedBatch.build(ids, batch_rows, n_rows, row_tokens, texts_per_row, pad_id)
         arrays = (batch.ids_rl, batch.slots_rl, batch.positions_rl, batch.lengths_rl)
         v_rkd = forward(*(jax.device_put(x, sharding) for x in arrays), texts_per_row=texts_per_row)

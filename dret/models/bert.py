@@ -194,14 +194,18 @@ class BertModel(nnx.Module):
 def _inference_layer(layer: Layer, x_btd, segments_bt):
     """On CPU the layer runs over blocks of about CPU_BLOCK_TOKENS tokens, so a block's [4T, 4D]-sized
     intermediates stay in cache (about 20% faster encoding than whole batches; 1024-token blocks ran MiniLM 3-10%
-    faster than 4-example blocks at 64 and 128 tokens, and 2-example blocks were slower at 256). Training keeps
+    faster than 4-example blocks at 64 and 128 tokens, and 2-example blocks were slower at 256). A block with no
+    token (segments all 0: the empty rows that fill a packed batch) passes through unchanged. Training keeps
     whole-batch layers: its dropout masks are drawn batch-wide."""
     b, t = segments_bt.shape
     examples = max(1, CPU_BLOCK_TOKENS // t)
     if jax.default_backend() != "cpu" or examples_per_step(b, examples) == b:
         return layer(x_btd, segments_bt, None)  # one block: the layer itself (qwix adds LoRA adapters on such a call)
     graphdef, state = nnx.split(layer)
-    return map_examples(lambda x, m: nnx.merge(graphdef, state)(x, m, None), (x_btd, segments_bt), examples)
+
+    def block(x, m):
+        return jax.lax.cond(m.any(), lambda: nnx.merge(graphdef, state)(x, m, None), lambda: x)
+    return map_examples(block, (x_btd, segments_bt), examples)
 
 
 def _rematerialised(layer: Layer, x_btd, segments_bt, rng):
