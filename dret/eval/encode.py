@@ -4,8 +4,8 @@ is compiled.
 Texts are packed into rows of `row_tokens` tokens (longest first, gaps filled with the shortest texts), each text
 its own attention segment with positions from 0, and rows are cut into batches sharded over all local devices
 (the 'data' axis). The unused tail of a row is one more segment that no text pools; a row with no text is
-segment 0 throughout, which the model skips. The next batch is dispatched
-before the previous one is copied back, so host packing overlaps device work.
+segment 0 throughout, which the model skips. The next batch is dispatched before the previous one is copied
+back, so host packing overlaps device work.
 """
 
 from __future__ import annotations

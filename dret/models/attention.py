@@ -25,7 +25,7 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, kv_segments_bs, q_segments_bt=
     real token) and equals query i's segment, or query i's is 0. Packed rows hold several texts, one segment
     each; without `q_segments_bt` (all 0) `kv_segments_bs` is a plain key mask."""
     dtype = q_btnh.dtype
-    b, t, s = q_btnh.shape[0], q_btnh.shape[1], k_bsnh.shape[1]
+    b, t = q_btnh.shape[:2]
     kv_segments_bs = kv_segments_bs.astype(jnp.int32)
     q_segments_bt = jnp.zeros((b, t), jnp.int32) if q_segments_bt is None else q_segments_bt.astype(jnp.int32)
     if jax.default_backend() == "cpu":

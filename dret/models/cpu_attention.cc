@@ -174,7 +174,7 @@ void attend_head(const Shape& sh, const float* q, const float* k, const float* v
                  const int32_t* kv_segments, float* out, int64_t bi, int64_t ni, Scratch& scratch) {
   constexpr int H = HV * W;
   constexpr int R = kRows<HV>;
-  const int64_t row = sh.n * H;                                      // stride between tokens
+  const int64_t row = sh.n * H;  // stride between tokens
   const float log2_scale = 1.4426950408889634f / std::sqrt(static_cast<float>(H));  // log2(e) / sqrt(H)
   runs_of(q_segments + bi * sh.t, sh.t, scratch.q_runs);
   runs_of(kv_segments + bi * sh.s, sh.s, scratch.kv_runs);
