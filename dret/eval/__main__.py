@@ -90,8 +90,8 @@ def _options(args) -> EvalOptions:
 def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
     """Every requested data set with one model (loaded at most once, and only if some embedding is not cached)."""
     load, model_key = model_dir.resolve(model, pooling=args.pooling_method, dtype=args.dtype, step=step,
-                                        pad_token=args.pad_token, add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token,
-                                        allow_pickle=args.allow_pickle)
+                                        pad_token=args.pad_token, add_bos_token=args.add_bos_token,
+                                        add_eos_token=args.add_eos_token, allow_pickle=args.allow_pickle)
     opts = _options(args)
     embedder = []  # loaded once, shared by every data set
 

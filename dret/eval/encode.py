@@ -77,7 +77,7 @@ def pack(lengths: np.ndarray, row_tokens: int, texts_per_row: int) -> list[np.nd
 class PackedBatch:
     """One batch of packed rows [R, L]; text k of row r lands in slot k (slot `texts_per_row` = no text)."""
     ids_rl: np.ndarray
-    slots_rl: np.ndarray  # the token's slot in its row; the segment is slot + 1
+    slots_rl: np.ndarray  # the token's slot in its row; the segment is slot + 1 (0 throughout an empty row)
     positions_rl: np.ndarray  # the token's position in its text
     lengths_rl: np.ndarray  # the length of the token's text (0 in a row's unused tail)
     texts: list[np.ndarray]  # per row: input index of the text in each slot
