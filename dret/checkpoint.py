@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import re
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+
+from dret.errors import DretError
+
+
+class _OrbaxFailures(logging.Filter):
+    """Orbax logs each failed background write with its traceback, from several threads; the Checkpointer
+    reports the failure itself, as one line, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FAILURES = _OrbaxFailures()
+
+
+def _cause(error: BaseException) -> str:
+    """The reason a write failed, in a few words: 'No space left on device' rather than tensorstore's paragraph."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else " ".join(str(error).split())
 
 
 class Checkpointer:
@@ -13,10 +40,14 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int):
         self.directory = os.path.abspath(directory)
+        logging.getLogger("absl").addFilter(_ORBAX_FAILURES)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True),
         )
+        self._pending: int | None = None  # the step being written in the background
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -24,10 +55,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def _failure(self, error: Exception) -> DretError:
+        """A failed (background) save as one line; its half-written folder is removed, earlier checkpoints stay."""
+        self._failed = True
+        for partial in glob.glob(os.path.join(self.directory, f"{self._pending}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = self._manager.latest_step()
+        return DretError(f"saving checkpoint {self._pending} in {self.directory} failed: {_cause(error)}; "
+                         f"the latest complete checkpoint is {latest if latest is not None else 'none'}")
+
     def save(self, step: int, state, meta: dict) -> None:
-        """Starts an async save; the next save (or `close`) waits for it."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts an async save; the next save (or `close`) waits for it and reports its failure."""
+        try:
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # the previous save's background failure surfaces here (orbax wraps any error)
+            raise self._failure(e) from e
+        self._pending = step
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """State onto the shardings of `abstract_state` (ShapeDtypeStructs; any mesh), and the meta dict."""
@@ -43,8 +87,13 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save; its failure is raised unless one was already reported."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except Exception as e:
+            if not self._failed:
+                raise self._failure(e) from e
 
 
 def abstract(tree):

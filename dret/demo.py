@@ -9,7 +9,7 @@ import sys
 from absl import logging as absl_logging
 
 from dret.demo_data import build_pairs, split_pairs
-from dret.errors import DretError
+from dret.errors import run_command
 from dret.eval.datasets import Retrieval
 from dret.eval.run import EvalOptions, evaluate_retrieval
 from dret.model import Embedder
@@ -54,7 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DretError as e:
-        sys.exit(f"dret: {e}")
+    run_command(main)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -13,7 +12,7 @@ from flax import nnx
 
 from dret import peft
 from dret.checkpoint import Checkpointer
-from dret.errors import DretError
+from dret.errors import DretError, run_command
 from dret.resources import build_backbone
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training output_dir (holding checkpoints/)")
@@ -47,21 +46,23 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     return nnx.merge(graphdef, params, frozen), hf_config, tokenizer, config, step
 
 
-def main(argv) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)
+def export_checkpoint(checkpoint: str | None, step: int | None, out: str | None) -> None:
     from dret.trainer import export, inference_embedder
 
-    try:
-        if not _CHECKPOINT.value or not _OUT.value:
-            raise DretError("--checkpoint and --out are required")
-        if os.path.exists(_OUT.value):
-            raise DretError(f"{_OUT.value} already exists: choose a new folder")
-        model, hf_config, tokenizer, config, step = load_checkpoint(_CHECKPOINT.value, _STEP.value)
-        export(inference_embedder(model, hf_config, tokenizer, config), _OUT.value)
-    except DretError as e:
-        sys.exit(f"dret: {e}")
-    print(f"exported step {step} of {_CHECKPOINT.value} to {_OUT.value}")
+    if not checkpoint or not out:
+        raise DretError("--checkpoint and --out are required")
+    if os.path.lexists(out):
+        raise DretError(f"{out} already exists: choose a new folder")
+    model, hf_config, tokenizer, config, step = load_checkpoint(checkpoint, step)
+    export(inference_embedder(model, hf_config, tokenizer, config), out)
+    print(f"exported step {step} of {checkpoint} to {out}")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    run_command(export_checkpoint, _CHECKPOINT.value, _STEP.value, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -107,13 +106,10 @@ def main(argv) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_DEVICES.value}")
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from dret.errors import DretError
+    from dret.errors import run_command
 
-    try:
-        print(plan(_CONFIG.value, _DEVICES.value, parse_bytes(_MEMORY.value), _GLOBAL_BATCH.value,
-                   _MODEL_CONFIG.value))
-    except DretError as e:
-        sys.exit(f"dret: {e}")
+    run_command(lambda: print(plan(_CONFIG.value, _DEVICES.value, parse_bytes(_MEMORY.value), _GLOBAL_BATCH.value,
+                                   _MODEL_CONFIG.value)))
 
 
 def plan(config, devices: int, device_memory: int, global_batch: int = 0, model_config: str = "") -> str:

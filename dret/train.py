@@ -1,13 +1,12 @@
 """`python -m dret.train --config ml_configs/X.py [--config.key=value ...]`."""
 
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dret.errors import DretError
+from dret.errors import run_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -16,20 +15,25 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multi-host: number of
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multi-host: this process's index")
 
 
+def train(config) -> None:
+    from dret import distributed
+    from dret.trainer import train_and_evaluate
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    export_dir = train_and_evaluate(config)
+    if export_dir:
+        print(f"export: {export_dir}")
+    else:
+        print(f"stopped by SIGTERM: a checkpoint is saved in {config.output_dir}; rerun the same command to resume")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-    from dret import distributed
-    from dret.trainer import train_and_evaluate
-
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        export_dir = train_and_evaluate(_CONFIG.value)
-    except DretError as e:
-        sys.exit(f"dret: {e}")
-    print(f"export: {export_dir}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO; this sets root's level
+    logging.getLogger("dret").setLevel(logging.INFO)  # so dret's own lines (resumed from ..., step N) still show
+    run_command(train, _CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from safetensors import SafetensorError
 
+from dret import output_dir as run_folder
 from dret import peft
 from dret.checkpoint import Checkpointer, abstract
 from dret.config_check import validate
 from dret.data import TrainData
-from dret.errors import DretError
+from dret.errors import DretError, one_line
 from dret.eval.run import evaluate_beir
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
@@ -62,20 +64,6 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     adamw = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """A fresh folder, or one holding an earlier run to resume; anything else needs overwrite_output_dir."""
-    checkpoints = os.path.join(output_dir, "checkpoints")
-    if overwrite and os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    if os.path.isfile(output_dir):
-        raise DretError(f"output_dir {output_dir} is a file")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isdir(checkpoints):
-        if set(os.listdir(output_dir)) - {"data", "metrics.jsonl", "tensorboard"}:
-            raise DretError(f"output_dir {output_dir} is not empty and holds no dret run: "
-                            "choose another folder or pass overwrite_output_dir=True")
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def state_layout(params, frozen, tx, mesh, config):
@@ -164,15 +152,23 @@ def build_run(config, devices=None) -> Run:
                total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
 
 
-def train_and_evaluate(config) -> str:
-    """Runs (or resumes) training; returns the export folder."""
+def train_and_evaluate(config) -> str | None:
+    """Runs (or resumes) training; returns the export folder, or None when SIGTERM stopped the run first."""
     validate(config)
-    output_dir = config.output_dir
     is_main = jax.process_index() == 0
-    if is_main:  # multi-host: output_dir is shared, and only process 0 may clear it
-        prepare_output_dir(output_dir, config.overwrite_output_dir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("output_dir ready")
+    # multi-host: output_dir is shared, and only process 0 locks and clears it
+    lock = run_folder.claim(config.output_dir, config.overwrite_output_dir) if is_main else None
+    try:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("output_dir ready")
+        return _train(config, is_main)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(config, is_main: bool) -> str | None:
+    output_dir = config.output_dir
     run = build_run(config)
     state, data, total_steps, global_batch = run.state, run.data, run.total_steps, run.global_batch
 
@@ -223,8 +219,10 @@ def train_and_evaluate(config) -> str:
         signal.signal(signal.SIGTERM, previous)
         checkpointer.close()
         logs.close()
+    if stop["signal"]:
+        return None
     export_dir = os.path.join(output_dir, EXPORT_DIR)
-    if not stop["signal"] and is_main:
+    if is_main:
         model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
         export(inference_embedder(model, run.hf_config, run.tokenizer, config), export_dir)
     return export_dir
@@ -251,9 +249,16 @@ def evaluate_during_training(embedder: Embedder, config) -> dict[str, float]:
 
 
 def export(embedder: Embedder, export_dir: str) -> None:
-    """An HF / sentence-transformers folder, replacing an older export only once the new one is complete."""
-    staging = f"{export_dir}.new"
+    """An HF / sentence-transformers folder, replacing an older export only once the new one is complete; a failed
+    write (disk full) leaves the older export as it was and no partial folder behind."""
+    staging = f"{os.path.normpath(export_dir)}.new"
     shutil.rmtree(staging, ignore_errors=True)
-    embedder.save(staging)
+    try:
+        embedder.save(staging)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error type
+            raise DretError(f"export to {export_dir} failed, the previous export is unchanged: {one_line(e)}") from e
+        raise
     shutil.rmtree(export_dir, ignore_errors=True)
     os.rename(staging, export_dir)

@@ -107,6 +107,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     resumed = run_train(config, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoints} at step {max(saved)}" in resumed.stderr  # dret's INFO lines are shown
     again = exported(config.output_dir)
     assert all(np.array_equal(again[k], reference[k]) for k in reference)
     rows = [json.loads(line)["step"] for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
@@ -115,7 +116,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_sigterm_saves_then_resume_finishes(tmp_path):
     config = tiny_config(tmp_path, max_steps=400, save_steps=1000, logging_steps=1000)
-    process = subprocess.Popen(train_command(config), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(train_command(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     metrics_started = os.path.join(config.output_dir, "tensorboard")
     deadline = time.time() + 240
@@ -123,9 +124,10 @@ def test_sigterm_saves_then_resume_finishes(tmp_path):
         time.sleep(0.05)
     time.sleep(3)
     process.send_signal(signal.SIGTERM)
-    stderr = process.communicate(timeout=120)[1]
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     assert "SIGTERM" in stderr
+    assert "export:" not in stdout and "rerun the same command to resume" in stdout  # nothing was exported
     saved = [int(n) for n in os.listdir(os.path.join(config.output_dir, "checkpoints")) if n.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 400
     assert not os.path.exists(os.path.join(config.output_dir, "export"))
