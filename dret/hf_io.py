@@ -11,15 +11,17 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+import transformers
 from flax import nnx
 
 from dret.errors import DretError
-from dret.models.bert import ARCHITECTURES, BertConfig, BertModel
+from dret.models.bert import BertConfig, BertModel
 from dret.torch_pickle import load_torch_state_dict
 
 log = logging.getLogger(__name__)
@@ -61,29 +63,65 @@ def _swap_layout(path: tuple, value):
     return value.T if path[-1] == "kernel" else value
 
 
+def read_json(file: str, expected: type = dict):
+    """A JSON file's content, checked to be an object (`expected=dict`) or an array (`list`)."""
+    if not os.path.isfile(file):
+        raise DretError(f"{file} does not exist")
+    try:
+        with open(file, encoding="utf-8") as f:
+            content = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DretError(f"{file}: not UTF-8 text (byte {e.start}): expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise DretError(f"{file}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(content, expected):
+        raise DretError(f"{file}: expected {'an object' if expected is dict else 'a list'} at the top, "
+                        f"got {type(content).__name__}")
+    return content
+
+
+def path_inside(folder: str, relative: str, source: str) -> str:
+    """folder/relative, where `source` named `relative`; a DretError if the name leads outside the folder."""
+    if not isinstance(relative, str) or os.path.isabs(relative) or os.path.normpath(relative).split(os.sep)[0] == "..":
+        raise DretError(f"{source}: {relative!r:.80}: expected a relative path inside the model folder {folder}")
+    return os.path.join(folder, relative)
+
+
 def read_config(path: str) -> dict:
-    """The folder's config.json, checked to be a supported architecture."""
+    """The folder's config.json, checked to describe an encoder we support (see `BertConfig.from_hf`)."""
     if not os.path.isdir(path):
         raise DretError(f"model folder {path} does not exist")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise DretError(f"{path} has no config.json: expected an HF model folder (config.json + model.safetensors)")
-    try:
-        with open(config_file) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DretError(f"{config_file}: not valid JSON ({e})") from None
-    if hf.get("model_type") not in ARCHITECTURES:
-        raise DretError(f"{config_file}: model_type {hf.get('model_type')!r} is not supported; "
-                        f"supported: {', '.join(ARCHITECTURES)}")
+    hf = read_json(config_file)
+    BertConfig.from_hf(hf, source=config_file)
     return hf
+
+
+def _checked_finite(file: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors, if none holds a NaN or Inf (which would make every vector NaN, and every metric 0)."""
+    for key, value in tensors.items():
+        if value.dtype.kind not in "biu" and not np.isfinite(value).all():
+            raise DretError(f"{file}: tensor {key!r} holds non-finite values (NaN or Inf): expected finite weights")
+    return tensors
 
 
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(file)
+        tensors = safetensors.numpy.load_file(file)
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise DretError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return _checked_finite(file, tensors)
+
+
+def _shard_files(path: str, index_file: str) -> list[str]:
+    """The shard files an index names, each inside the model folder."""
+    weight_map = read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DretError(f"{index_file}: expected a \"weight_map\" object of tensor name -> shard file, "
+                        f"got {weight_map!r:.80}")
+    return [path_inside(path, shard, index_file) for shard in sorted(set(weight_map.values()))]
 
 
 def read_weights(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -92,21 +130,51 @@ def read_weights(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarr
     if os.path.isfile(single):
         return _read_safetensors(single)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
         weights = {}
-        for shard in shards:
-            weights.update(_read_safetensors(os.path.join(path, shard)))
+        for shard in _shard_files(path, index):
+            weights.update(_read_safetensors(shard))
         return weights
     if os.path.isfile(pickled):
         if not allow_pickle:
             raise DretError(f"{pickled} is a pickle, which can run arbitrary code when loaded: pass "
                             "allow_pickle=True (--allow_pickle) only if you trust it, or convert it to safetensors")
         try:
-            return load_torch_state_dict(pickled)
+            tensors = load_torch_state_dict(pickled)
         except Exception as e:
             raise DretError(f"{pickled}: cannot read it as a PyTorch state dict ({e})") from None
+        return _checked_finite(pickled, tensors)
     raise DretError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+
+
+# Each option is the set of files one tokenizer needs (BERT, RoBERTa, XLM-R / ERNIE sentencepiece, any fast one).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json + merges.txt", "sentencepiece.bpe.model",
+                    "spiece.model", "tokenizer.model")
+_TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A DretError unless the folder holds a tokenizer (without one, transformers builds a 5-token tokenizer that
+    turns every word into [UNK])."""
+    present = set(os.listdir(path))
+    if not any(set(option.split(" + ")) <= present for option in _TOKENIZER_FILES):
+        raise DretError(f"{path} has no tokenizer files: expected one of {', '.join(_TOKENIZER_FILES)}")
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    """The folder's tokenizer, checked to fit a model of `vocab_size` tokens."""
+    check_tokenizer_files(path)
+    for name in _TOKENIZER_JSON:
+        if os.path.isfile(os.path.join(path, name)):
+            read_json(os.path.join(path, name))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many types for a broken tokenizer
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise DretError(f"{path}: cannot load its tokenizer ({reason})") from None
+    if 2 * len(tokenizer) < vocab_size:
+        raise DretError(f"{path}: its tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                        f"{vocab_size}: expected the model's own tokenizer")
+    return tokenizer
 
 
 def _strip_prefix(weights: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
@@ -175,20 +243,35 @@ def export(model: BertModel, hf_config: dict, tokenizer, out_dir: str, *, poolin
            max_seq_length: int) -> None:
     """Write an HF folder that `transformers.AutoModel` and `SentenceTransformer` load.
 
-    Files are written to a temporary sibling and renamed into place, so a crash never leaves a half folder.
+    Files are written to a temporary sibling and renamed into place, so a crash never leaves a half folder, and a
+    failure leaves no temporary folder. An existing `out_dir` is refused, never replaced.
     """
-    if os.path.exists(out_dir):
+    out_dir = os.path.normpath(out_dir)  # "exported/" -> "exported": the sibling must not be inside it
+    if os.path.lexists(out_dir):
         raise DretError(f"{out_dir} already exists: choose a new folder or remove it first")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    os.makedirs(os.path.join(tmp, "1_Pooling"))
+    staging = f"{out_dir}.tmp-{os.getpid()}"
+    try:
+        _write_folder(model, hf_config, tokenizer, staging, pooling=pooling, normalize=normalize,
+                      max_seq_length=max_seq_length)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_folder(model: BertModel, hf_config: dict, tokenizer, folder: str, *, pooling: str, normalize: bool,
+                  max_seq_length: int) -> None:
+    os.makedirs(os.path.join(folder, "1_Pooling"))
     if normalize:
-        os.makedirs(os.path.join(tmp, "2_Normalize"))
+        os.makedirs(os.path.join(folder, "2_Normalize"))
     config = dict(hf_config, architectures=[_HF_MODEL_CLASS[hf_config["model_type"]]], torch_dtype="float32")
     files = {"config.json": config, **_sentence_transformers_files(
         pooling, normalize, model.config.hidden_size, max_seq_length)}
     for name, content in files.items():
-        with open(os.path.join(tmp, name), "w") as f:
+        with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)
-    safetensors.numpy.save_file(state_dict(model), os.path.join(tmp, SAFETENSORS), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    os.rename(tmp, out_dir)
+    weights_file = os.path.join(folder, SAFETENSORS)
+    try:
+        safetensors.numpy.save_file(state_dict(model), weights_file, metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:  # disk full arrives as this, not as an OSError
+        raise DretError(f"{weights_file}: cannot write it ({str(e).splitlines()[0]})") from None
+    tokenizer.save_pretrained(folder)

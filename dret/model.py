@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
 
 from dret import hf_io
@@ -57,6 +55,8 @@ def finish(v_bd: jax.Array, *, normalize: bool, dim: int | None) -> jax.Array:
 
 
 _ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers 6 `pooling_mode`
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                     "pooling_mode_lasttoken": "last"}  # sentence-transformers 5
 
 
 def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
@@ -64,26 +64,40 @@ def _read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
     pooling = max_len = None
     modules_file = os.path.join(path, "modules.json")
     if os.path.isfile(modules_file):
-        with open(modules_file) as f:
-            for module in json.load(f):
-                if module["type"].endswith("Pooling"):
-                    with open(os.path.join(path, module["path"], "config.json")) as g:
-                        cfg = json.load(g)
-                    modes = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                             "pooling_mode_lasttoken": "last"}
-                    on = [name for key, name in modes.items() if cfg.get(key)]
-                    pooling = on[0] if len(on) == 1 else _ST_POOLING.get(cfg.get("pooling_mode"))
-        max_len = _json_field(os.path.join(path, "sentence_bert_config.json"), "max_seq_length")
-        # sentence-transformers 6 keeps it as the tokenizer's model_max_length
-        max_len = max_len or _json_field(os.path.join(path, "tokenizer_config.json"), "model_max_length")
+        for i, module in enumerate(hf_io.read_json(modules_file, list)):
+            if not (isinstance(module, dict) and isinstance(module.get("type"), str)):
+                raise DretError(f"{modules_file}: entry {i}: expected an object with a \"type\", got {module!r:.80}")
+            if module["type"].endswith("Pooling"):
+                folder = hf_io.path_inside(path, module.get("path", ""), modules_file)
+                pooling = _read_pooling(os.path.join(folder, "config.json"))
+        max_len = _max_seq_length(os.path.join(path, "sentence_bert_config.json"))
+        # sentence-transformers 6 keeps it as the tokenizer's model_max_length (huge where unlimited)
+        tokenizer_max = _json_field(os.path.join(path, "tokenizer_config.json"), "model_max_length")
+        max_len = max_len or (tokenizer_max if _is_positive_int(tokenizer_max) else None)
     return pooling, (max_len if max_len and max_len < 1_000_000 else None)
 
 
+def _read_pooling(file: str) -> str | None:
+    """The pooling a sentence-transformers Pooling config names, None if not exactly one we support."""
+    cfg = hf_io.read_json(file)
+    on = [name for key, name in _ST_POOLING_FLAGS.items() if cfg.get(key)]
+    mode = cfg.get("pooling_mode")
+    return on[0] if len(on) == 1 else _ST_POOLING.get(mode) if isinstance(mode, str) else None
+
+
+def _max_seq_length(file: str) -> int | None:
+    value = _json_field(file, "max_seq_length")
+    if value is not None and not _is_positive_int(value):
+        raise DretError(f"{file}: max_seq_length: expected a positive integer, got {value!r:.80}")
+    return value
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _json_field(path: str, key: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get(key)
+    return hf_io.read_json(path).get(key) if os.path.isfile(path) else None
 
 
 def _forward(graphdef, state, ids_rl, slots_rl, positions_rl, lengths_rl, *, texts_per_row, pooling, normalize,
@@ -127,7 +141,7 @@ class Embedder:
         if pooling is None:
             raise DretError(f"{path} has no sentence-transformers pooling config: pass pooling= "
                             f"(one of {', '.join(POOLING_METHODS)})")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = hf_io.load_tokenizer(path, backbone.config.vocab_size)
         max_length = min(st_max_len or DEFAULT_MAX_LENGTH, backbone.config.max_position_embeddings
                          - backbone.config.position_offset)
         return cls(backbone, tokenizer, hf, pooling=pooling, normalize=normalize, max_length=max_length)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import transformers
 from flax import nnx
 
 from dret import hf_io
@@ -42,15 +41,14 @@ def hf_config_of(config) -> dict:
 def build_backbone(config, *, dtype, param_dtype):
     """(backbone, HF config dict, tokenizer) for the run: real weights, or random ones when tiny."""
     path = model_dir(config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path or bundled_minilm())
     if config.tiny:
         hf = hf_config_of(config)
         model = BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
                           rngs=nnx.Rngs(config.seed))
-        return model, hf, tokenizer
-    model, hf = hf_io.load_model(path, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
-                                 allow_pickle=config.allow_pickle)
-    return model, hf, tokenizer
+    else:
+        model, hf = hf_io.load_model(path, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
+                                     allow_pickle=config.allow_pickle)
+    return model, hf, hf_io.load_tokenizer(path or bundled_minilm(), hf["vocab_size"])
 
 
 def resolve_train_data(config) -> str:

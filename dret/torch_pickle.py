@@ -25,14 +25,40 @@ class _StorageType:
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
+class _TensorRef:
+    """A tensor as the pickle declares it: built only after unpickling, when its key is known to name it."""
+
+    def __init__(self, storage: np.ndarray, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def _bounds_error(self) -> str | None:
+        """Why this view would read outside its storage (or copy more than it holds), or None."""
+        fields = (self.offset, *self.size, *self.stride)
+        if not all(isinstance(n, int) and n >= 0 for n in fields) or len(self.size) != len(self.stride):
+            return "expected non-negative integer offset, sizes and strides of one length each"
+        elements, stored = int(np.prod(self.size, dtype=object)), self.storage.size
+        if elements == 0:
+            return None if self.offset <= stored else f"starts at element {self.offset}"
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        if last >= stored:
+            return f"reads up to element {last}"
+        return f"holds {elements} elements" if elements > stored else None
+
+    def build(self, key: str) -> np.ndarray:
+        """The view, copied out; ValueError naming `key` where it lies outside its storage."""
+        problem = self._bounds_error()
+        if problem:
+            raise ValueError(f"tensor {key!r} (offset {self.offset}, size {self.size}, stride {self.stride}) "
+                             f"{problem}, but its storage holds {self.storage.size}")
+        item = self.storage.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(self.storage[self.offset:], shape=self.size,
+                                               strides=tuple(s * item for s in self.stride), writeable=False)
+        return np.array(view)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, copied out."""
-    if not size:
-        return storage[offset].copy()
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride))
-    return np.ascontiguousarray(view)
+    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage."""
+    return _TensorRef(storage, offset, size, stride)
 
 
 def _rebuild_parameter(tensor, *_):
@@ -73,4 +99,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
             state = _Unpickler(f, archive, pkl.rsplit("/", 1)[0]).load()
     if not isinstance(state, dict):
         raise ValueError(f"expected a state dict, found {type(state).__name__}")
-    return dict(state)
+    not_tensors = [k for k, v in state.items() if not isinstance(v, _TensorRef)]
+    if not_tensors:
+        raise ValueError(f"{not_tensors[0]!r} is not a tensor: expected a state dict of tensors only")
+    return {key: ref.build(key) for key, ref in state.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from dret import hf_io
 from dret.errors import DretError
 from dret.eval import cache
 
@@ -31,6 +32,8 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
     options = dict(pooling=pooling, dtype=dtype, pad_token=pad_token, add_bos_token=add_bos_token,
                    add_eos_token=add_eos_token)
     if os.path.isfile(os.path.join(path, "config.json")):
+        hf_io.check_tokenizer_files(path)  # before any data is read: without them, every word is [UNK]
+
         def load():
             from dret.model import Embedder
             return _tokenizer_options(Embedder.from_pretrained(path, pooling=pooling, dtype=dtype,

@@ -11,12 +11,14 @@ the 2-core AVX512-BF16 machine (`bench/RESULTS_eval.md`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dret.errors import DretError
 from dret.models.attention import dot_product_attention
 from dret.models.blocks import examples_per_step, map_examples
 from dret.models.logical import constrain
@@ -43,6 +45,28 @@ _ACTIVATIONS = {
 }
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size", "task_type_vocab_size")
+
+
+def _config_value_problem(name: str, value) -> str | None:
+    """What a config field must be, where `value` is not that (None where it is)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_int or (isinstance(value, float) and math.isfinite(value))
+    if name in _POSITIVE_INTS and not (is_int and value > 0):
+        return "a positive integer"
+    checks = {
+        "model_type": (value in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)} (supported model_type)"),
+        "hidden_act": (isinstance(value, str) and value in _ACTIVATIONS, f"one of {', '.join(_ACTIVATIONS)}"),
+        "pad_token_id": (is_int and value >= 0, "an integer >= 0"),
+        "layer_norm_eps": (is_number and value > 0, "a positive number"),
+        "hidden_dropout_prob": (is_number and 0 <= value < 1, "a number in [0, 1)"),
+        "use_task_id": (isinstance(value, bool), "true or false"),
+    }
+    ok, expected = checks.get(name, (True, None))
+    return None if ok else expected
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The fields of an HF `config.json` that the encoder uses."""
@@ -63,9 +87,22 @@ class BertConfig:
     task_type_vocab_size: int = 3
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "BertConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in hf.items() if k in names})
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "BertConfig":
+        """The encoder's fields of an HF config dict (null values take the defaults); a DretError naming `source`
+        for a missing or unusable value."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in hf.items() if k in fields and v is not None}
+        for name in (n for n in fields if n in values):  # model_type first
+            expected = _config_value_problem(name, values[name])
+            if expected:
+                raise DretError(f"{source}: {name}: expected {expected}, got {values[name]!r:.80}")
+        missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in values]
+        if missing:
+            raise DretError(f"{source}: missing {', '.join(missing)}")
+        if values["hidden_size"] % values["num_attention_heads"]:
+            raise DretError(f"{source}: num_attention_heads {values['num_attention_heads']} does not divide "
+                            f"hidden_size {values['hidden_size']}")
+        return cls(**values)
 
     @property
     def position_offset(self) -> int:
