@@ -59,7 +59,7 @@ def test_missing_folder_and_split(tmp_path):
 
 def test_duplicate_ids(tmp_path):
     folder = write_beir(tmp_path / "toy", CORPUS + [CORPUS[0]], QUERIES, [("q1", "d1", 1)])
-    with pytest.raises(DretError, match="line 4: duplicate id 'd1'"):
+    with pytest.raises(DretError, match=":4: duplicate id 'd1'"):
         datasets.load_beir(str(folder))
 
 
@@ -76,7 +76,7 @@ def test_bad_json_line(tmp_path):
     folder = write_beir(tmp_path / "toy", CORPUS, QUERIES, [("q1", "d1", 1)])
     with open(folder / "corpus.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(DretError, match="corpus.jsonl line 4"):
+    with pytest.raises(DretError, match="corpus.jsonl:4: expected a JSON object"):
         datasets.load_beir(str(folder))
 
 
@@ -105,7 +105,7 @@ def test_cli_messages(tmp_path):
     folder = write_beir(tmp_path / "toy", CORPUS, QUERIES, [("q1", "d1", 1)])
     cmd = [sys.executable, "-m", "dret.eval", "--model", str(tmp_path / "no_model"), "--data", str(folder)]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == f"dret: --model {tmp_path / 'no_model'} does not exist"
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"dret: --model {tmp_path / 'no_model'} does not exist"
     (tmp_path / "empty_model").mkdir()
     cmd[4] = str(tmp_path / "empty_model")
     out = subprocess.run(cmd, capture_output=True, text=True)

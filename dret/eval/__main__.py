@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import warnings
 
-from dret.errors import DretError
+from dret.errors import DretError, run_command
 from dret.eval import cache, datasets, model_dir, sweep
 from dret.eval.run import EvalOptions, evaluate_retrieval
 
@@ -69,6 +67,18 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _unique_names(results: list[dict]) -> None:
+    """Give each result its own dataset name (and so its own JSON file): a repeated name gets _2, _3, ..."""
+    taken = set()
+    for r in results:
+        name, n = r["dataset"], 1
+        while name in taken:
+            n += 1
+            name = f"{r['dataset']}_{n}"
+        taken.add(name)
+        r["dataset"] = name
+
+
 def _local_sets(args) -> list:
     sets = [datasets.load_beir(d, args.split or "test") for d in args.data]
     if args.t2ranking:
@@ -108,7 +118,7 @@ def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
         results.append(result)
     if args.mteb:
         from dret.eval.mteb_model import run_mteb_tasks
-        results += run_mteb_tasks(get_embedder(), args.mteb.split(","), opts, args.output_folder)
+        results += run_mteb_tasks(get_embedder, args.mteb.split(","), opts)
     return results
 
 
@@ -130,6 +140,7 @@ def main(argv=None) -> list[dict]:
     if not args.model:
         raise DretError("--model is required (or --evaluate_all --checkpoint_dir DIR)")
     results = evaluate_model(args, args.model, args.step)
+    _unique_names(results)
     os.makedirs(args.output_folder, exist_ok=True)
     for r in results:
         with open(os.path.join(args.output_folder, f"{r['dataset']}.json"), "w") as f:
@@ -139,8 +150,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    warnings.simplefilter("default")
-    try:
-        main()
-    except DretError as e:
-        sys.exit(f"dret: {e}")
+    run_command(main)

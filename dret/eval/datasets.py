@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import warnings
 
 from dret.errors import DretError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass
@@ -26,6 +30,7 @@ class Retrieval:
     qrels: dict[str, dict[str, int]]
     files: list[str]
     skipped_qrels: int = 0
+    folder: str = ""  # absolute path of the folder it was read from
 
 
 def _need(path: str, layout: str) -> str:
@@ -34,8 +39,62 @@ def _need(path: str, layout: str) -> str:
     return path
 
 
-def _passage(title: str | None, text: str | None) -> str:
-    return ((title or "") + " " + (text or "")).strip()
+def _lines(path: str):
+    """(line number, text without its line break) of each non-blank line of a UTF-8 file (a BOM is dropped)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DretError(f"{path}:{n}: expected UTF-8 text, got byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}") from None
+            if line.strip():
+                yield n, line
+
+
+def _describe(value) -> str:
+    """A JSON value for a message: its type and a short repr."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise DretError(f"{where}: expected a JSON object, got invalid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise DretError(f"{where}: expected a JSON object, got {_describe(row)}")
+    return row
+
+
+def _id(row: dict, where: str) -> str:
+    if "_id" not in row:
+        raise DretError(f"{where}: expected an \"_id\" key, got keys {_describe(sorted(row))}")
+    id_ = row["_id"]
+    if isinstance(id_, bool) or not isinstance(id_, (str, int)):
+        raise DretError(f"{where}: expected \"_id\" to be a string or an integer, got {_describe(id_)}")
+    return str(id_)
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    """row[key] as a string ("" when absent or null)."""
+    text = row.get(key)
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise DretError(f"{where}: expected \"{key}\" to be a string or null, got {_describe(text)}")
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise DretError(f"{where}: expected \"{key}\" to be valid Unicode, got a lone surrogate "
+                        f"U+{ord(surrogate.group()):04X}")
+    return text
+
+
+def _passage(title: str, text: str) -> str:
+    return (title + " " + text).strip()
 
 
 def _add(ids: list, texts: list, seen: set, id_: str, text: str, where: str) -> None:
@@ -48,49 +107,50 @@ def _add(ids: list, texts: list, seen: set, id_: str, text: str, where: str) -> 
 
 def _read_jsonl(path: str, *, with_title: bool) -> tuple[list[str], list[str]]:
     ids, texts, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                id_ = str(row["_id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DretError(f"{path} line {n}: expected a JSON object with \"_id\" ({e})") from None
-            text = _passage(row.get("title"), row.get("text")) if with_title else (row.get("text") or "").strip()
-            _add(ids, texts, seen, id_, text, f"{path} line {n}")
+    for n, line in _lines(path):
+        where = f"{path}:{n}"
+        row = _json_object(line, where)
+        text = _passage(_text(row, "title", where) if with_title else "", _text(row, "text", where))
+        _add(ids, texts, seen, _id(row, where), text, where)
     return ids, texts
 
 
-def _read_tsv(path: str, n_cols: int) -> list[list[str]]:
-    """Rows of a tab-separated file with at least n_cols fields; a header line (non-numeric `*id` first field) is skipped."""
+def _read_tsv(path: str, n_cols: int) -> list[tuple[str, list[str]]]:
+    """(`path:line`, fields) of each row of a tab-separated file with at least n_cols fields; a header line
+    (non-numeric `*id` first field) is skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split("\t")
-            if not line.strip() or (n == 1 and fields[0].lower().lstrip("_") in ("id", "qid", "pid", "query-id")):
-                continue
-            if len(fields) < n_cols:
-                raise DretError(f"{path} line {n}: expected {n_cols} tab-separated fields, got {len(fields)}")
-            rows.append(fields)
+    for n, line in _lines(path):
+        fields = line.split("\t")
+        if n == 1 and fields[0].lower().lstrip("_") in ("id", "qid", "pid", "query-id"):
+            continue
+        if len(fields) < n_cols:
+            raise DretError(f"{path}:{n}: expected {n_cols} tab-separated fields, got {len(fields)}")
+        rows.append((f"{path}:{n}", fields))
     return rows
+
+
+def _grade(text: str, where: str) -> int:
+    try:
+        grade = float(text)
+    except ValueError:
+        grade = math.nan
+    if not grade.is_integer():
+        raise DretError(f"{where}: expected an integer grade, got {text!r}")
+    return int(grade)
 
 
 def _read_qrels(path: str) -> list[tuple[str, str, int]]:
     """(qid, doc id, grade) from `qid doc [grade]` (BEIR, T2Ranking) or `qid 0 doc grade` (TREC) lines."""
     out = []
-    for fields in _read_tsv(path, 2):
+    for where, fields in _read_tsv(path, 2):
         if len(fields) == 2:
             fields = fields + ["1"]
         qid, did, grade = (fields[0], fields[2], fields[3]) if len(fields) >= 4 else fields[:3]
-        try:
-            out.append((qid, did, int(float(grade))))
-        except ValueError:
-            raise DretError(f"{path}: grade {grade!r} of query {qid!r} is not a number") from None
+        out.append((qid, did, _grade(grade, where)))
     return out
 
 
-def _assemble(name, corpus_ids, corpus_texts, query_ids, query_texts, qrel_rows, files) -> Retrieval:
+def _assemble(name, folder, corpus_ids, corpus_texts, query_ids, query_texts, qrel_rows, files) -> Retrieval:
     """Keep the queries named in qrels; skip and count qrels lines naming unknown ids; check texts."""
     known_docs, known_queries = set(corpus_ids), set(query_ids)
     qrels, skipped = {}, 0
@@ -111,7 +171,8 @@ def _assemble(name, corpus_ids, corpus_texts, query_ids, query_texts, qrel_rows,
     n_empty = sum(not t for t in corpus_texts)
     if n_empty:
         warnings.warn(f"{name}: {n_empty} passages have empty text", stacklevel=3)
-    return Retrieval(name, corpus_ids, corpus_texts, query_ids, query_texts, qrels, files, skipped)
+    return Retrieval(name, corpus_ids, corpus_texts, query_ids, query_texts, qrels, files, skipped,
+                     os.path.abspath(folder))
 
 
 def load_beir(folder: str, split: str = "test") -> Retrieval:
@@ -127,14 +188,14 @@ def load_beir(folder: str, split: str = "test") -> Retrieval:
         raise DretError(f"{qrels} not found (splits here: {', '.join(splits) or 'none'})")
     corpus_ids, corpus_texts = _read_jsonl(corpus, with_title=True)
     query_ids, query_texts = _read_jsonl(queries, with_title=False)
-    name = os.path.basename(os.path.normpath(folder))
-    return _assemble(name, corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
+    name = os.path.basename(os.path.abspath(folder))  # `.` is named after the current folder
+    return _assemble(name, folder, corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
                      [corpus, queries, qrels])
 
 
-def _tsv_texts(path: str, where: str) -> tuple[list[str], list[str]]:
+def _tsv_texts(path: str) -> tuple[list[str], list[str]]:
     ids, texts, seen = [], [], set()
-    for fields in _read_tsv(path, 2):
+    for where, fields in _read_tsv(path, 2):
         _add(ids, texts, seen, fields[0], _passage(*fields[1:3]) if len(fields) > 2 else fields[1].strip(), where)
     return ids, texts
 
@@ -157,9 +218,9 @@ def load_t2ranking(folder: str, split: str = "dev") -> Retrieval:
     corpus = _first(folder, ["collection.tsv"], layout)
     queries = _first(folder, [f"queries.{split}.tsv"], layout)
     qrels = _first(folder, [f"qrels.retrieval.{split}.tsv", f"qrels.{split}.tsv"], layout)
-    corpus_ids, corpus_texts = _tsv_texts(corpus, corpus)
-    query_ids, query_texts = _tsv_texts(queries, queries)
-    return _assemble("t2ranking", corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
+    corpus_ids, corpus_texts = _tsv_texts(corpus)
+    query_ids, query_texts = _tsv_texts(queries)
+    return _assemble("t2ranking", folder, corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
                      [corpus, queries, qrels])
 
 
@@ -171,7 +232,7 @@ def load_msmarco_title(folder: str, split: str = "dev") -> Retrieval:
     corpus = _first(folder, ["corpus.tsv"], layout)
     queries = _first(folder, [f"queries.{split}.tsv"], layout)
     qrels = _first(folder, [f"qrels.{split}.tsv"], layout)
-    corpus_ids, corpus_texts = _tsv_texts(corpus, corpus)
-    query_ids, query_texts = _tsv_texts(queries, queries)
-    return _assemble("msmarco_title", corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
+    corpus_ids, corpus_texts = _tsv_texts(corpus)
+    query_ids, query_texts = _tsv_texts(queries)
+    return _assemble("msmarco_title", folder, corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels(qrels),
                      [corpus, queries, qrels])

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 
+from dret.errors import DretError
 from dret.eval.datasets import Retrieval
 
 
@@ -89,11 +92,42 @@ def evaluate_tasks(model: MtebModel, tasks) -> list[dict]:
     return scores(mteb.evaluate(model, tasks, cache=None, show_progress_bar=False))
 
 
-def run_mteb_tasks(embedder, names: list[str], opts, output_folder: str) -> list[dict]:
-    """`--mteb A,B`: mteb's own tasks (their data come from the HF hub or its cache)."""
+def _task(name: str):
+    """mteb's task of that name; an unknown name is a DretError listing close ones."""
     import mteb
-    model = MtebModel(embedder, query_instruction=opts.query_instruction,
-                      document_instruction=opts.document_instruction, query_max_length=opts.query_max_length,
-                      passage_max_length=opts.passage_max_length, batch_size=opts.eval_batch_size, dim=opts.dim,
-                      progress=opts.progress)
-    return evaluate_tasks(model, mteb.get_tasks(tasks=[n.strip() for n in names if n.strip()]))
+    try:
+        return mteb.get_task(name)
+    except KeyError:
+        close = difflib.get_close_matches(name, [task.metadata.name for task in mteb.get_tasks()], n=3)
+        raise DretError(f"--mteb: unknown task {name!r}" + (f" (close: {', '.join(close)})" if close else "")
+                        ) from None
+
+
+def _load_data(task) -> None:
+    """Load a task's data from the HF hub or its cache; no network is a DretError that says what to do instead."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        task.load_data()
+    except (ConnectionError, LocalEntryNotFoundError) as e:
+        reason = " ".join(str(e).split())
+        raise DretError(f"--mteb {task.metadata.name}: its data ({task.metadata.dataset['path']}) could not be "
+                        f"downloaded ({reason}): there is no network or HF_HUB_OFFLINE=1 is set, and mteb's "
+                        f"Hugging Face cache ({HF_HUB_CACHE}) does not hold it; evaluate a local BEIR copy with "
+                        "--data FOLDER instead") from None
+
+
+def run_mteb_tasks(get_embedder, names: list[str], opts) -> list[dict]:
+    """`--mteb A,B`: mteb's own tasks. Each task's data is loaded before the model (a missing download fails
+    fast) and dropped after its scoring."""
+    tasks = [_task(name.strip()) for name in names if name.strip()]
+    model, results = None, []
+    for task in tasks:
+        _load_data(task)
+        model = model or MtebModel(get_embedder(), query_instruction=opts.query_instruction,
+                                   document_instruction=opts.document_instruction,
+                                   query_max_length=opts.query_max_length, passage_max_length=opts.passage_max_length,
+                                   batch_size=opts.eval_batch_size, dim=opts.dim, progress=opts.progress)
+        results += evaluate_tasks(model, [task])
+        task.unload_data()
+    return results

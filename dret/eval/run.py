@@ -50,8 +50,8 @@ class _Encoder:
         cache_dir = self.opts.cache_dir if self.model_key else None
         k = cache.key(model=self.model_key, data=data_key, role=role, instruction=instruction,
                       max_length=max_length, dim=self.opts.dim)
-        emb_nd = cache.load(cache_dir, k)
-        if emb_nd is not None and len(emb_nd) == len(texts):
+        emb_nd = cache.load(cache_dir, k, rows=len(texts))
+        if emb_nd is not None:
             self.cache_hits += 1
             return emb_nd
         if self._embedder is None:
@@ -105,7 +105,7 @@ def evaluate_retrieval(get_embedder: Callable, data: Retrieval, opts: EvalOption
         result["recall_vs_exact_at_100"] = search.recall_vs_exact(rows_qk, exact[1], 100)
         exact_metrics = metrics.evaluate(ids[exact[1]], data.query_ids, data.qrels, scores=exact[0])
         result["exact_ndcg_at_10"] = exact_metrics["ndcg_at_10"]
-    result.update(dataset=data.name, num_queries=len(data.query_ids), num_passages=n,
+    result.update(dataset=data.name, data=data.folder, num_queries=len(data.query_ids), num_passages=n,
                   skipped_qrels=data.skipped_qrels, top_k=opts.top_k, index=opts.index,
                   encode_seconds=round(encoder.seconds, 3), search_seconds=round(search_seconds, 3),
                   metrics_seconds=round(time.perf_counter() - t, 3),
