@@ -182,6 +182,8 @@ def test_unknown_mteb_task_lists_close_names():
     with pytest.raises(DretError) as error:
         run_mteb_tasks(no_model, ["SciFcat"], run.EvalOptions())
     assert one_line(error).startswith("--mteb: unknown task 'SciFcat'") and "SciFact" in str(error.value)
+    with pytest.raises(DretError, match="--mteb: expected comma-separated task names, got ' , '"):
+        run_mteb_tasks(no_model, " , ".split(","), run.EvalOptions())
 
 
 def test_mteb_offline_says_to_use_a_local_folder(tmp_path, minilm_dir):

@@ -121,6 +121,8 @@ def run_mteb_tasks(get_embedder, names: list[str], opts) -> list[dict]:
     """`--mteb A,B`: mteb's own tasks. Each task's data is loaded before the model (a missing download fails
     fast) and dropped after its scoring."""
     tasks = [_task(name.strip()) for name in names if name.strip()]
+    if not tasks:
+        raise DretError(f"--mteb: expected comma-separated task names, got {','.join(names)!r}")
     model, results = None, []
     for task in tasks:
         _load_data(task)
