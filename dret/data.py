@@ -18,7 +18,8 @@ or with `skip_bad_rows=True` is skipped and counted in the log.
 A group is 1 positive (a random one of `pos`) + group_size-1 negatives (without replacement when
 `neg` has enough, else drawn from `neg` repeated, as the reference does); a row with an empty `neg`
 takes other rows' positives instead. Instructions are plain prefixes. Sequences are truncated on the
-right and right-padded to query_max_len / passage_max_len.
+right (a text is first cut to a character bound, see MAX_CHARS_PER_TOKEN) and right-padded to
+query_max_len / passage_max_len.
 
 Batches are numpy dicts: query_ids/query_mask [b, Lq] and passage_ids/passage_mask [b*G, Lp] int32,
 query i's group at passage rows i*G..i*G+G-1 (positive first), where b = global_batch_size /
@@ -56,20 +57,34 @@ FEATURES = datasets.Features({
     "pos": datasets.List(datasets.Value("string")),
     "neg": datasets.List(datasets.Value("string")),
 })
-CACHE_VERSION = 1  # bump when the cached layout or validation rules change
+CACHE_VERSION = 2  # bump when the cached layout or validation rules change
 SKIP_HINT = " (set skip_bad_rows=True to skip bad rows)"
+# Texts are cut to max_len * MAX_CHARS_PER_TOKEN characters before tokenising: a fast tokenizer encodes the
+# whole text and only then truncates, so a 50 MB row would cost gigabytes. A token spans about 4 characters
+# of English, 1-2 of CJK; the cut changes the ids only for text whose first max_len tokens span more than
+# 64 characters each on average (long runs of whitespace or of one unbroken word).
+MAX_CHARS_PER_TOKEN = 64
 
 
 def jsonl_files(train_data: str) -> list[str]:
-    """train_data (a file, or a directory of *.jsonl files) -> sorted file paths."""
-    if os.path.isfile(train_data):
-        return [train_data]
-    if not os.path.isdir(train_data):
-        raise DretError(f"train_data {train_data}: no such file or directory")
-    files = sorted(os.path.join(train_data, f) for f in os.listdir(train_data) if f.endswith(".jsonl"))
-    if not files:
-        raise DretError(f"train_data {train_data}: directory has no .jsonl files")
+    """train_data (a file, or a directory of *.jsonl files) -> sorted paths, each a readable regular file."""
+    files = [train_data]
+    if os.path.isdir(train_data):
+        files = sorted(os.path.join(train_data, f) for f in os.listdir(train_data) if f.endswith(".jsonl"))
+        if not files:
+            raise DretError(f"train_data {train_data}: directory has no .jsonl files")
+    for path in files:
+        _require_readable_file(path)
     return files
+
+
+def _require_readable_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DretError(f"train_data {path}: no such file or directory")
+    if not os.path.isfile(path):
+        raise DretError(f"train_data {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DretError(f"train_data {path}: permission denied")
 
 
 def _string_list_problem(row: dict, key: str) -> str | None:
@@ -82,11 +97,27 @@ def _string_list_problem(row: dict, key: str) -> str | None:
     return None
 
 
+def _lone_surrogate_problem(row: dict) -> str | None:
+    """A string that UTF-8 cannot encode: a lone surrogate, which only a JSON escape ("\\ud800") can make."""
+    texts = [("'query'", row["query"])]
+    texts += [(f"'{key}' item {i}", text) for key in ("pos", "neg") for i, text in enumerate(row[key])]
+    for where, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} has a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start})"
+    return None
+
+
 def parse_row(line: bytes) -> tuple[dict | None, str | None]:
     """One jsonl line -> (row with query/pos/neg, None) or (None, what is wrong)."""
     try:
-        row = json.loads(line)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        text = line.decode("utf-8").removeprefix("\ufeff")  # a byte order mark starts some files: skip it
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1})"
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays or objects nested too deeply
         return None, f"not valid JSON ({str(e).splitlines()[0]})"
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
@@ -102,6 +133,9 @@ def parse_row(line: bytes) -> tuple[dict | None, str | None]:
             return None, problem
     if not row["pos"]:
         return None, "'pos' is empty: each row needs at least one positive"
+    problem = _lone_surrogate_problem(row)
+    if problem:
+        return None, problem
     return {"query": row["query"], "pos": row["pos"], "neg": row["neg"]}, None
 
 
@@ -315,6 +349,7 @@ class TrainData:
         return group
 
     def _tokenize(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        texts = [text[:max_len * MAX_CHARS_PER_TOKEN] for text in texts]
         enc = self._tokenizer(texts, max_length=max_len, truncation=True, padding="max_length",
                               return_tensors="np", return_token_type_ids=False)
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

@@ -10,7 +10,8 @@ def get_config(arg=None):
     c.model_name_or_path = ""  # HF / sentence-transformers folder (config.json + safetensors)
     c.allow_pickle = False  # read pytorch_model.bin (a pickle) only when explicitly allowed
     c.output_dir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, export/
-    c.overwrite_output_dir = False  # start over: delete what output_dir holds (else an earlier run there is resumed)
+    c.overwrite_output_dir = False  # start over: delete what dret wrote in output_dir (else an earlier run is resumed)
+    c.dry_run = False  # check config, output_dir, model folder and training files, say what the run would do, stop
     c.fine_tune_type = "sft"  # sft (all weights) | lora (qwix adapters) | bitfit (biases only)
     c.sentence_pooling_method = "cls"  # cls | mean | last | last_8
     c.normalized = True  # L2-normalise embeddings before scoring
@@ -23,7 +24,7 @@ def get_config(arg=None):
     c.query_instruction_for_retrieval = ""  # prefix added to every query
     c.passage_instruction_for_retrieval = ""  # prefix added to every passage
     c.skip_bad_rows = False  # skip and count malformed rows instead of stopping with file:line
-    c.data_cache_dir = ""  # Arrow cache of parsed training files; "" = output_dir/../.dret_cache
+    c.data_cache_dir = ""  # train_data as Arrow; "" = ~/.cache/huggingface/datasets/dret_train ($HF_DATASETS_CACHE)
     # Optimisation.
     c.num_train_epochs = 1  # passes over the data (max_steps wins when > 0)
     c.max_steps = -1  # optimizer steps; -1 = from num_train_epochs
@@ -63,5 +64,5 @@ def get_config(arg=None):
     c.eval_data = ""  # a BEIR folder evaluated during training (metrics logged as eval_*); "" = none
     c.eval_split = "test"  # its qrels/<split>.tsv
     c.eval_steps = 100  # evaluate every N steps and at the end
-    c.tiny = False  # random 2-layer, 64-wide model of the same family; built-in data when train_data is absent
+    c.tiny = False  # random 2-layer, 64-wide model of the same family; built-in data when train_data is ""
     return c

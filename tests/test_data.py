@@ -213,7 +213,7 @@ def test_bad_row_names_file_and_line(tokenizer, tmp_path, bad_line, what):
 def test_invalid_utf8(tokenizer, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(GOOD.encode() + b'\n{"query": "\xff", "pos": ["a"]}\n')
-    with pytest.raises(DretError, match=rf"^{re.escape(str(path))}:2: not valid JSON"):
+    with pytest.raises(DretError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8 \(byte 0xff at byte 12\)"):
         _make(tokenizer, str(path), tmp_path, global_batch_size=1)
 
 
