@@ -52,8 +52,8 @@ def build_backbone(config, *, dtype, param_dtype):
 
 
 def resolve_train_data(config) -> str:
-    """train_data, or the built-in stdlib-docs data written under output_dir (also for tiny runs without data)."""
-    if config.train_data == BUILTIN_TRAIN_DATA or (config.tiny and not os.path.exists(config.train_data)):
+    """train_data, or the built-in stdlib-docs data written under output_dir (also for tiny runs with train_data="")."""
+    if config.train_data == BUILTIN_TRAIN_DATA or (config.tiny and not config.train_data):
         return write_train_jsonl(os.path.join(config.output_dir, "data", "train.jsonl"))
     return config.train_data
 
