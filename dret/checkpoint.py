@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +26,19 @@ class _OrbaxFailures(logging.Filter):
 _ORBAX_FAILURES = _OrbaxFailures()
 
 
+def _drop_closed_loop_callbacks(previous):
+    """When a background save fails, tensorstore's callbacks for its writes still in flight reach the event loop
+    that Orbax has closed, and Python prints each as an unraisable 'Event loop is closed' traceback (dozens, before
+    the failure itself surfaces): drop those, and only those."""
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.dret = True
+    return hook
+
+
 def _cause(error: BaseException) -> str:
     """The reason a write failed, in a few words: 'No space left on device' rather than tensorstore's paragraph."""
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
@@ -41,6 +55,8 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int):
         self.directory = os.path.abspath(directory)
         logging.getLogger("absl").addFilter(_ORBAX_FAILURES)
+        if not getattr(sys.unraisablehook, "dret", False):
+            sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
@@ -58,6 +74,8 @@ class Checkpointer:
     def _failure(self, error: Exception) -> DretError:
         """A failed (background) save as one line; its half-written folder is removed, earlier checkpoints stay."""
         self._failed = True
+        # asyncio reports the failed save's orphaned write tasks at exit, with tracebacks: the cause is said below
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         for partial in glob.glob(os.path.join(self.directory, f"{self._pending}.orbax-checkpoint-tmp*")):
             shutil.rmtree(partial, ignore_errors=True)
         latest = self._manager.latest_step()

@@ -13,7 +13,7 @@ from flax import nnx
 from dret import peft
 from dret.checkpoint import Checkpointer
 from dret.errors import DretError, run_command
-from dret.resources import build_backbone
+from dret.resources import build_backbone, tokenizer_of
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training output_dir (holding checkpoints/)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step; default the latest")
@@ -38,7 +38,8 @@ def load_checkpoint(output_dir: str, step: int | None = None):
         raise DretError(f"{directory}: no checkpoint at step {step if step is not None else 'any'}; saved: {steps}")
     step = step if step is not None else max(steps)
     config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
-    backbone, hf_config, tokenizer = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32)
+    backbone, hf_config = build_backbone(config, dtype=jnp.float32, param_dtype=jnp.float32)
+    tokenizer = tokenizer_of(config, hf_config)
     graphdef, params, frozen = peft.split_trainable(backbone, config)
     saved = checkpointer.restore_raw(step)
     checkpointer.close()

@@ -115,9 +115,11 @@ def _forward(graphdef, state, ids_rl, slots_rl, positions_rl, lengths_rl, *, tex
 
 def jit_forward(graphdef, compiler_options: dict | None):
     """`(state, ids_rl, slots_rl, positions_rl, lengths_rl, *, texts_per_row, pooling, normalize, dim)
-    -> [R, texts_per_row, dim]`, jitted."""
-    return jax.jit(functools.partial(_forward, graphdef),
-                   static_argnames=("texts_per_row", "pooling", "normalize", "dim"), compiler_options=compiler_options)
+    -> [R, texts_per_row, dim]`, jitted. The graphdef is a static argument (hashed by value), so every Embedder of
+    one architecture shares the compiled forward: reloading a model or a checkpoint does not compile again."""
+    jitted = jax.jit(_forward, static_argnums=0, static_argnames=("texts_per_row", "pooling", "normalize", "dim"),
+                     compiler_options=compiler_options)
+    return functools.partial(jitted, graphdef)
 
 
 class Embedder:

@@ -86,23 +86,8 @@ def _protected(path: str) -> str | None:
     return None
 
 
-def _clear_outputs(output_dir: str, entries: set[str]) -> None:
-    """overwrite_output_dir: delete what dret wrote, after checking that nothing else is there."""
-    foreign = sorted(entries - set(OUTPUTS))
-    if foreign:
-        raise DretError(f"overwrite_output_dir refuses to clear output_dir {output_dir}: it holds files dret did not "
-                        f"write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose another folder")
-    for name in entries:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def claim(output_dir: str, overwrite: bool) -> RunLock:
-    """Locks output_dir for this run: a new or empty folder, an earlier dret run to resume, or (with overwrite)
-    one whose dret outputs are deleted first. Anything else is refused before a byte is written."""
+def check(output_dir: str, overwrite: bool) -> set[str]:
+    """Refuses, without writing anything, a folder that `claim` would refuse; returns the names it holds."""
     if not output_dir:
         raise DretError("output_dir is empty: set --config.output_dir=DIR")
     if os.path.islink(output_dir) and not os.path.exists(output_dir):
@@ -112,15 +97,30 @@ def claim(output_dir: str, overwrite: bool) -> RunLock:
     reason = _protected(output_dir) if overwrite else None
     if reason:
         raise DretError(f"overwrite_output_dir refuses to clear output_dir {output_dir}: it is {reason}")
+    entries = set(os.listdir(output_dir)) - {LOCK} if os.path.isdir(output_dir) else set()
+    foreign = sorted(entries - set(OUTPUTS))
+    if overwrite and foreign:
+        raise DretError(f"overwrite_output_dir refuses to clear output_dir {output_dir}: it holds files dret did not "
+                        f"write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose another folder")
+    if not overwrite and entries and RUN_MARKER not in entries:
+        raise DretError(f"output_dir {output_dir} is not empty and holds no dret run: choose another folder "
+                        "(overwrite_output_dir=True only deletes what dret wrote)")
+    return entries
+
+
+def claim(output_dir: str, overwrite: bool) -> RunLock:
+    """Locks output_dir for this run: a new or empty folder, an earlier dret run to resume, or (with overwrite)
+    one whose dret outputs are deleted first. Anything else is refused before a byte is written."""
+    check(output_dir, overwrite)
     os.makedirs(output_dir, exist_ok=True)
     lock = RunLock(output_dir).acquire()
     try:
-        entries = set(os.listdir(output_dir)) - {LOCK}
-        if overwrite and entries:
-            _clear_outputs(output_dir, entries)
-        elif entries and RUN_MARKER not in entries:
-            raise DretError(f"output_dir {output_dir} is not empty and holds no dret run: choose another folder "
-                            "(overwrite_output_dir=True only deletes what dret wrote)")
+        for name in check(output_dir, overwrite) if overwrite else ():  # checked again, under the lock
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         marker = os.path.join(output_dir, RUN_MARKER)
         if not os.path.exists(marker):
             with open(marker, "w") as f:

@@ -17,6 +17,8 @@ import re
 from absl import app, flags
 from ml_collections import config_flags
 
+from dret.config_check import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 1, "devices of the run (faked on the CPU)")
 _MEMORY = flags.DEFINE_string("device_memory", "80GiB", "memory of one device, e.g. 80GiB, 141GB, 16GiB")
@@ -145,4 +147,4 @@ def plan(config, devices: int, device_memory: int, global_batch: int = 0, model_
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

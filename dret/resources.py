@@ -39,7 +39,7 @@ def hf_config_of(config) -> dict:
 
 
 def build_backbone(config, *, dtype, param_dtype):
-    """(backbone, HF config dict, tokenizer) for the run: real weights, or random ones when tiny."""
+    """(backbone, HF config dict) for the run: real weights, or random ones when tiny."""
     path = model_dir(config)
     if config.tiny:
         hf = hf_config_of(config)
@@ -48,7 +48,12 @@ def build_backbone(config, *, dtype, param_dtype):
     else:
         model, hf = hf_io.load_model(path, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
                                      allow_pickle=config.allow_pickle)
-    return model, hf, hf_io.load_tokenizer(path or bundled_minilm(), hf["vocab_size"])
+    return model, hf
+
+
+def tokenizer_of(config, hf: dict):
+    """The run's tokenizer: the model folder's (or the bundled MiniLM's for a tiny run without one)."""
+    return hf_io.load_tokenizer(model_dir(config) or bundled_minilm(), hf["vocab_size"])
 
 
 def resolve_train_data(config) -> str:

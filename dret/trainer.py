@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors import SafetensorError
 
 from dret import output_dir as run_folder
 from dret import peft
@@ -34,7 +33,7 @@ from dret.eval.run import evaluate_beir
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
 from dret.models.bert import BertConfig, BertModel
-from dret.resources import build_backbone, resolve_train_data
+from dret.resources import build_backbone, hf_config_of, resolve_train_data, tokenizer_of
 from dret.sharding import (OFFLOAD_MEMORY, batch_sharding, data_parallel_size, grad_shardings, make_mesh, opt_axes,
                            param_axes, parse_sharding, state_shardings)
 from dret.train_step import StepConfig, TrainState, train_step
@@ -128,15 +127,11 @@ class Run:
     tokenizer: object
 
 
-def build_run(config, devices=None) -> Run:
-    """Model (+ LoRA), data, optimizer and the sharded train state, as a fresh run starts (on `devices`, default all)."""
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    dtype, param_dtype = precision(config)
-    backbone, hf_config, tokenizer = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
-    graphdef, params, frozen = peft.split_trainable(backbone, config)
-    dp = data_parallel_size(mesh)
-    global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
-    data = TrainData(
+def _tokenizer_and_data(config, mesh) -> tuple[object, int, TrainData]:
+    """(tokenizer, global batch, the training files validated, cached as Arrow on first use, batched per host)."""
+    tokenizer = tokenizer_of(config, hf_config_of(config))
+    global_batch = config.per_device_train_batch_size * data_parallel_size(mesh) * config.gradient_accumulation_steps
+    return tokenizer, global_batch, TrainData(
         resolve_train_data(config), tokenizer, global_batch_size=global_batch, group_size=config.train_group_size,
         query_max_len=config.query_max_len, passage_max_len=config.passage_max_len,
         query_instruction=config.query_instruction_for_retrieval,
@@ -144,6 +139,32 @@ def build_run(config, devices=None) -> Run:
         max_example_num_per_dataset=config.max_example_num_per_dataset, seed=config.seed,
         skip_bad_rows=config.skip_bad_rows, cache_dir=config.data_cache_dir or None,
         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def check_run(config) -> str:
+    """`dry_run`: the config, output_dir, model folder (config.json and tokenizer; the weights are read when the
+    run starts) and every training file, checked as the run would check them; returns what the run would do.
+    Writes nothing but the data cache."""
+    validate(config)
+    entries = run_folder.check(config.output_dir, config.overwrite_output_dir)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    _, global_batch, data = _tokenizer_and_data(config, mesh)
+    hf = hf_config_of(config)
+    folder = ("cleared first (overwrite_output_dir)" if config.overwrite_output_dir and entries else
+              "resumed" if run_folder.RUN_MARKER in entries else "a new run")
+    return (f"dry run: {len(data)} training rows -> {data.total_steps(config.num_train_epochs, config.max_steps)} "
+            f"steps of {global_batch} queries x group {config.train_group_size} on mesh {dict(mesh.shape)}; model "
+            f"{hf['model_type']} {hf['num_hidden_layers']} x {hf['hidden_size']}; output_dir {config.output_dir}: "
+            f"{folder}")
+
+
+def build_run(config, devices=None) -> Run:
+    """Model (+ LoRA), data, optimizer and the sharded train state, as a fresh run starts (on `devices`, default all)."""
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    tokenizer, global_batch, data = _tokenizer_and_data(config, mesh)  # a bad row stops the run before the model
+    dtype, param_dtype = precision(config)
+    backbone, hf_config = build_backbone(config, dtype=dtype, param_dtype=param_dtype)
+    graphdef, params, frozen = peft.split_trainable(backbone, config)
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
     tx, schedule = make_optimizer(config, total_steps)
     state, shardings = create_state(params, frozen, tx, mesh, config)
@@ -252,13 +273,10 @@ def export(embedder: Embedder, export_dir: str) -> None:
     """An HF / sentence-transformers folder, replacing an older export only once the new one is complete; a failed
     write (disk full) leaves the older export as it was and no partial folder behind."""
     staging = f"{os.path.normpath(export_dir)}.new"
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed between the save and the rename below
     try:
-        embedder.save(staging)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error type
-            raise DretError(f"export to {export_dir} failed, the previous export is unchanged: {one_line(e)}") from e
-        raise
+        embedder.save(staging)  # complete or absent: the save itself writes to a temporary sibling first
+    except (OSError, DretError) as e:
+        raise DretError(f"export to {export_dir} failed, the previous export is unchanged: {one_line(e)}") from e
     shutil.rmtree(export_dir, ignore_errors=True)
     os.rename(staging, export_dir)

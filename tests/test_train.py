@@ -133,18 +133,6 @@ def test_sigterm_saves_then_resume_finishes(tmp_path):
     assert not os.path.exists(os.path.join(config.output_dir, "export"))
 
 
-def test_rocketqa_tiny_cli_writes_checkpoints_and_export(tmp_path):
-    out = tmp_path / "rq"
-    result = subprocess.run(
-        [*train_command(tiny_config(tmp_path))[:3], "--config", os.path.join(ROOT, "ml_configs", "rocketqa.py"),
-         "--config.tiny=True", f"--config.output_dir={out}", "--config.max_steps=2", "--config.save_steps=1",
-         "--config.per_device_train_batch_size=1", "--config.passage_max_len=32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
-    assert (out / "export" / "model.safetensors").exists() and (out / "export" / "modules.json").exists()
-
-
 def test_export_cli_matches_end_of_training_export(tmp_path):
     config = tiny_config(tmp_path, fine_tune_type="lora", lora_rank=4, max_steps=2)
     train_and_evaluate(config)
