@@ -7,8 +7,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dret.config_check import parse_flags
-
 from dret.errors import run_command
+from dret.trainer import train_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -17,29 +17,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multi-host: number of
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multi-host: this process's index")
 
 
-def train(config, coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-    """The command's work, in this process (the fuzz tests call it directly)."""
-    from dret import distributed
-    from dret.trainer import check_run, train_and_evaluate
-
-    if config.dry_run:
-        print(check_run(config))
-        return
-    distributed.initialize(coordinator_address, num_processes, process_id)
-    export_dir = train_and_evaluate(config)
-    if export_dir:
-        print(f"export: {export_dir}")
-    else:
-        print(f"stopped by SIGTERM: a checkpoint is saved in {config.output_dir}; rerun the same command to resume")
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO; this sets root's level
     logging.getLogger("dret").setLevel(logging.INFO)  # so dret's own lines (resumed from ..., step N) still show
-    run_command(train, _CONFIG.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    run_command(train_command, _CONFIG.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,21 @@ def _train(config, is_main: bool) -> str | None:
     return export_dir
 
 
+def train_command(config, coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """What `python -m dret.train` does once its flags are parsed (the fuzz tests call it in-process)."""
+    from dret import distributed
+
+    if config.dry_run:
+        print(check_run(config))
+        return
+    distributed.initialize(coordinator_address, num_processes, process_id)
+    export_dir = train_and_evaluate(config)
+    if export_dir:
+        print(f"export: {export_dir}")
+    else:
+        print(f"stopped by SIGTERM: a checkpoint is saved in {config.output_dir}; rerun the same command to resume")
+
+
 def inference_embedder(model, hf_config, tokenizer, config, dtype=jnp.float32) -> Embedder:
     """The trained backbone as an Embedder with LoRA adapters merged and float32 weights, computing in `dtype`
     (for export, in-training eval and dret.eval)."""

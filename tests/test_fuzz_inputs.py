@@ -18,7 +18,7 @@ from flax import nnx
 from dret.errors import run_command
 from dret.eval.__main__ import main as eval_main
 from dret.model import Embedder
-from dret.train import train
+from dret.trainer import train_command
 from tests.train_util import ROOT, tiny_config
 
 UNICODE_EDGES = ["\\ud800", "\\udfff", "\\u0000", "\ufeff", "\u202e", "e\u0301", "\U0001f600", "\u2028", "\x85",
@@ -189,7 +189,7 @@ def test_mutated_inputs_succeed_or_fail_in_one_line(target, inputs, tmp_path):
             case = _mutated_copy(rng, inputs / "train.jsonl", case_dir / "train.jsonl", [""])
             config = tiny_config(case_dir, train_data=str(case_dir / "train.jsonl"), output_dir=str(out / "run"),
                                  data_cache_dir=str(out / "cache"), dry_run=True)
-            entry, args = train, (config,)
+            entry, args = train_command, (config,)
         else:
             if target == "beir folder":
                 case = _mutated_copy(rng, inputs / "beir", case_dir / "beir", ["corpus.jsonl", "queries.jsonl",
