@@ -74,13 +74,16 @@ class Checkpointer:
     def _failure(self, error: Exception) -> DretError:
         """A failed (background) save as one line; its half-written folder is removed, earlier checkpoints stay."""
         self._failed = True
+        self._remove_partial()
         # asyncio reports the failed save's orphaned write tasks at exit, with tracebacks: the cause is said below
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        for partial in glob.glob(os.path.join(self.directory, f"{self._pending}.orbax-checkpoint-tmp*")):
-            shutil.rmtree(partial, ignore_errors=True)
         latest = self._manager.latest_step()
         return DretError(f"saving checkpoint {self._pending} in {self.directory} failed: {_cause(error)}; "
                          f"the latest complete checkpoint is {latest if latest is not None else 'none'}")
+
+    def _remove_partial(self) -> None:
+        for partial in glob.glob(os.path.join(self.directory, f"{self._pending}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an async save; the next save (or `close`) waits for it and reports its failure."""
@@ -112,6 +115,9 @@ class Checkpointer:
         except Exception as e:
             if not self._failed:
                 raise self._failure(e) from e
+        finally:
+            if self._failed:  # writes still in flight when the failure surfaced may have added files since
+                self._remove_partial()
 
 
 def abstract(tree):
