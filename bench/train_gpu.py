@@ -24,13 +24,14 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dret import peft  # noqa: E402
-from dret.models.bert import BertConfig, BertModel  # noqa: E402
+from dret import models  # noqa: E402
 from dret.sharding import batch_sharding, make_mesh  # noqa: E402
-from dret.trainer import create_state, make_optimizer, make_step, precision  # noqa: E402
+from dret.train_step import create_state, make_optimizer, make_step, precision  # noqa: E402
 from ml_configs import base  # noqa: E402
 
-BERT_BASE = BertConfig(model_type="bert", vocab_size=18000, hidden_size=768, num_hidden_layers=12,
-                       num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048)
+BERT_BASE_HF = dict(model_type="bert", vocab_size=18000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=2048)
+BERT_BASE = models.config_of(BERT_BASE_HF)
 BATCH, GROUP, QUERY_LEN, PASSAGE_LEN = 64, 4, 32, 512
 
 
@@ -55,9 +56,9 @@ def main() -> None:
     config.per_device_train_batch_size, config.train_group_size, config.temperature = BATCH, GROUP, 0.02
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     dtype, param_dtype = precision(config)
-    backbone = BertModel(BERT_BASE, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
-                         rngs=nnx.Rngs(config.seed))
-    graphdef, params, frozen = peft.split_trainable(backbone, config)
+    backbone = models.build(BERT_BASE_HF, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
+                            rngs=nnx.Rngs(config.seed))
+    graphdef, params, frozen = peft.split_trainable(backbone, BERT_BASE_HF, config)
     tx, _ = make_optimizer(config, total_steps=1000)
     state, shardings = create_state(params, frozen, tx, mesh, config)
     step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, BERT_BASE.hidden_size)

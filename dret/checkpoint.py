@@ -88,21 +88,19 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an async save; the next save (or `close`) waits for it and reports its failure."""
         try:
-            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                              meta=ocp.args.JsonSave(meta)), force=True)
         except Exception as e:  # the previous save's background failure surfaces here (orbax wraps any error)
             raise self._failure(e) from e
         self._pending = step
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
-        """State onto the shardings of `abstract_state` (ShapeDtypeStructs; any mesh), and the meta dict."""
+        """State onto the shardings of `abstract_state` (ShapeDtypeStructs; any mesh; `ocp.PLACEHOLDER` leaves are
+        not read), and the meta dict."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.PyTreeRestore(abstract_state, restore_args), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
-
-    def restore_raw(self, step: int) -> dict:
-        """The saved state as nested dicts of arrays, without a target structure (for export)."""
-        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
     def read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

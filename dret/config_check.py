@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -10,14 +11,15 @@ import re
 import ml_collections
 from absl import flags
 
+from dret import models
 from dret.demo_data import BUILTIN_TRAIN_DATA
 from dret.errors import DretError, run_command
-from dret.model import POOLING_METHODS
 from dret.peft import FINE_TUNE_TYPES
-from dret.resources import hf_config_of, model_dir
+from dret.pooling import POOLING_METHODS
+from dret.resources import ModelSource, model_dir, resolve_model
 from dret.sharding import parse_sharding
 
-LORA_MODULES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
+log = logging.getLogger(__name__)
 # (fields, what each value must satisfy besides being finite, how the message says it)
 NUMBER_RULES = (
     (("per_device_train_batch_size", "gradient_accumulation_steps", "train_group_size", "save_steps", "logging_steps",
@@ -87,8 +89,9 @@ def _require(ok: bool, message: str) -> None:
         raise DretError(f"config: {message}")
 
 
-def validate(config) -> None:
-    """Checks fields alone and in combination, including against the model's config.json."""
+def validate(config) -> ModelSource:
+    """Checks fields alone and in combination, then against the model's config.json; returns the model so resolved
+    (its config.json is read once per run, here)."""
     c = config
     _require(c.fine_tune_type in FINE_TUNE_TYPES, f"fine_tune_type={c.fine_tune_type!r}: expected one of {FINE_TUNE_TYPES}")
     _require(c.sentence_pooling_method in POOLING_METHODS,
@@ -107,9 +110,6 @@ def validate(config) -> None:
     _require(c.train_group_size > 1 or c.per_device_train_batch_size > 1 or c.negatives_cross_device,
              "train_group_size=1 with one query per device and no negatives_cross_device leaves no negatives")
     _require(not c.eval_data or os.path.isdir(c.eval_data), f"eval_data={c.eval_data!r} is not a folder (BEIR layout)")
-    if c.fine_tune_type == "lora":
-        unknown = sorted(set(c.lora_target_modules) - set(LORA_MODULES))
-        _require(not unknown, f"lora_target_modules {unknown} are not modules of the encoder ({LORA_MODULES})")
     try:
         parse_sharding(c.sharding)
     except DretError as e:
@@ -127,8 +127,14 @@ def validate(config) -> None:
                  f"train_data={c.train_data!r} does not exist (a .jsonl file or a folder of them)")
     if not c.tiny or model_dir(c):
         _require(bool(c.model_name_or_path), "model_name_or_path is empty")
-    hf = hf_config_of(c)
-    hidden, positions = hf["hidden_size"], hf.get("max_position_embeddings", 512)
+    source = resolve_model(c)
+    hf = source.hf
+    if c.fine_tune_type == "lora":
+        modules = models.family_of(hf).LORA_MODULES
+        unknown = sorted(set(c.lora_target_modules) - set(modules))
+        _require(not unknown, f"lora_target_modules {unknown} are not modules of the encoder ({modules})")
+    model = models.config_of(hf)
+    hidden, positions = model.hidden_size, model.max_text_length
     if c.use_matryoshka and not c.tiny:
         too_big = [d for d in c.matryoshka_dims if not 0 < d <= hidden]
         _require(not too_big, f"matryoshka_dims {too_big} exceed the model's hidden size {hidden} "
@@ -136,4 +142,16 @@ def validate(config) -> None:
     longest = max(c.query_max_len, c.passage_max_len)
     _require(min(c.query_max_len, c.passage_max_len) >= 2 and longest <= positions,
              f"query_max_len={c.query_max_len} / passage_max_len={c.passage_max_len}: expected 2..{positions} "
-             "(the model's max_position_embeddings)")
+             "(the model's longest text)")
+    _warn_settings_that_change_nothing(c)
+    return source
+
+
+def _warn_settings_that_change_nothing(c) -> None:
+    """The reference's flags dret accepts for its command lines but has no use for."""
+    if c.use_flash_attention:
+        log.warning("use_flash_attention changes nothing: GPUs use cuDNN flash attention whenever compute is half "
+                    "precision, and other devices have none")
+    if c.fp16 and c.fp16_opt_level == "O2":
+        log.warning("fp16_opt_level=O2 computes as O1: matmuls in fp16, norms, softmax and the loss in float32, "
+                    "float32 master weights")

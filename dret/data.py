@@ -248,8 +248,8 @@ class TrainData:
             row_ids.append(ids + offset)
             offset += len(rows)
             empty_neg += meta["empty_neg_rows"]
-        self._rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        self._row_ids = np.concatenate(row_ids)  # [rows] indices into self._rows
+        self.rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]  # memory-mapped Arrow
+        self._row_ids = np.concatenate(row_ids)  # [rows] indices into self.rows
         self.steps_per_epoch = len(self) // global_batch_size
         if not self.steps_per_epoch:
             raise DretError(
@@ -317,7 +317,7 @@ class TrainData:
         first = step * self.global_batch_size + self.process_index * local
         positions = range(first, first + local)
         ids = self._row_ids[self._permutation(epoch)[first:first + local]]
-        rows = self._rows[ids.tolist()]
+        rows = self.rows[ids.tolist()]
         queries, passages = [], []
         for k, position in enumerate(positions):
             rng = np.random.default_rng([self.seed, 2, epoch, position])
@@ -344,7 +344,7 @@ class TrainData:
         elif n_neg:  # other rows' positives
             j = rng.integers(len(self) - 1, size=n_neg)  # positions in _row_ids (sorted), skipping row_id's
             j += j >= np.searchsorted(self._row_ids, row_id)
-            for other_pos in self._rows[self._row_ids[j].tolist()]["pos"]:
+            for other_pos in self.rows[self._row_ids[j].tolist()]["pos"]:
                 group.append(other_pos[rng.integers(len(other_pos))])
         return group
 

@@ -1,66 +1,38 @@
-"""HF checkpoint folder <-> NNX model: config.json + safetensors in, HF / sentence-transformers folder out.
+"""HF checkpoint folder <-> NNX model: config.json + safetensors in, HF / sentence-transformers folder out (and a
+sentence-transformers folder's pooling and max length read back).
 
-No torch at run time: weights are read with `safetensors.numpy`. `pytorch_model.bin` is a pickle and is read
-(without torch, see `dret.torch_pickle`) only when the caller passes `allow_pickle=True`.
+Family-agnostic: the model's family (`dret.models`) supplies the config check, the backbone and the key table.
+No torch at run time: weights are read with `safetensors`, each tensor (or, placed on a sharding, each device's
+slice of it) when it is placed, so the host never holds them all. `pytorch_model.bin` is a pickle and is read
+whole (without torch, see `dret.torch_pickle`) only when the caller passes `allow_pickle=True`.
 Key mapping is strict: a checkpoint key we cannot place, or a parameter the checkpoint lacks, is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
-import re
 import shutil
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy
 import transformers
 from flax import nnx
 
+from dret import models
 from dret.errors import DretError
-from dret.models.bert import BertConfig, BertModel
 from dret.torch_pickle import load_torch_state_dict
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS, SAFETENSORS_INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
-# Checkpoint parts that embeddings never use (task heads, the NSP pooler, buffers): skipped, and logged.
-_UNUSED_KEYS = re.compile(r"^(pooler\.|cls\.|lm_head\.|classifier\.|qa_outputs\.|embeddings\.position_ids$)")
-_HF_MODEL_CLASS = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-                   "ernie": "ErnieModel"}
-
-# HF name (after the layer prefix) -> our module path; Linear weights are transposed ([out, in] <-> [in, out]).
-_EMBEDDING_KEYS = {
-    "embeddings.word_embeddings": ("embeddings", "word"),
-    "embeddings.position_embeddings": ("embeddings", "position"),
-    "embeddings.token_type_embeddings": ("embeddings", "token_type"),
-    "embeddings.task_type_embeddings": ("embeddings", "task_type"),
-    "embeddings.LayerNorm": ("embeddings", "norm"),
-}
-_LAYER_KEYS = {
-    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-    "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
-    "intermediate.dense": "mlp_in", "output.dense": "mlp_out", "output.LayerNorm": "mlp_norm",
-}
-_PARAM_NAMES = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-def _hf_name(path: tuple) -> str:
-    """Our flat state path, e.g. ('layers', 3, 'query', 'kernel') -> 'encoder.layer.3.attention.self.query.weight'."""
-    *module, param = path
-    if module[0] == "layers":
-        prefix = f"encoder.layer.{module[1]}." + {v: k for k, v in _LAYER_KEYS.items()}[module[2]]
-    else:
-        prefix = {v: k for k, v in _EMBEDDING_KEYS.items()}[tuple(module)]
-    return f"{prefix}.{_PARAM_NAMES[param]}"
-
-
-def _swap_layout(path: tuple, value):
-    """HF Linear weights are [out, in], ours [in, out]; the swap is its own inverse."""
-    return value.T if path[-1] == "kernel" else value
 
 
 def read_json(file: str, expected: type = dict):
@@ -88,31 +60,55 @@ def path_inside(folder: str, relative: str, source: str) -> str:
 
 
 def read_config(path: str) -> dict:
-    """The folder's config.json, checked to describe an encoder we support (see `BertConfig.from_hf`)."""
+    """The folder's config.json, checked to describe a model we support (see `dret.models.config_of`)."""
     if not os.path.isdir(path):
         raise DretError(f"model folder {path} does not exist")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise DretError(f"{path} has no config.json: expected an HF model folder (config.json + model.safetensors)")
     hf = read_json(config_file)
-    BertConfig.from_hf(hf, source=config_file)
+    models.config_of(hf, source=config_file)
     return hf
 
 
-def _checked_finite(file: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors, if none holds a NaN or Inf (which would make every vector NaN, and every metric 0)."""
-    for key, value in tensors.items():
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A folder's tensors by checkpoint name, each read when asked for: whole, or one slice (safetensors files are
+    memory-mapped and read only that slice; a pickle is read whole when opened)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    files: dict[str, str]  # checkpoint name -> the file that holds it
+    slice_of: Callable[[str, tuple], np.ndarray]  # (name, index) -> tensor[index]
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """tensor[index], if it holds no NaN or Inf (which would make every vector NaN, and every metric 0)."""
+        value = self.slice_of(name, index)
         if value.dtype.kind not in "biu" and not np.isfinite(value).all():
-            raise DretError(f"{file}: tensor {key!r} holds non-finite values (NaN or Inf): expected finite weights")
-    return tensors
+            raise DretError(f"{self.files[name]}: tensor {name!r} holds non-finite values (NaN or Inf): "
+                            "expected finite weights")
+        return value
 
 
-def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-    try:
-        tensors = safetensors.numpy.load_file(file)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise DretError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return _checked_finite(file, tensors)
+def _unreadable(file: str, e: Exception) -> DretError:
+    return DretError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})")
+
+
+def _open_safetensors(files: list[str]) -> Weights:
+    handles, shapes, owners = {}, {}, {}
+    for file in files:
+        try:  # safetensors raises its own error types for truncated or corrupt files
+            handles[file] = safetensors.safe_open(file, framework="numpy")
+            for name in handles[file].keys():
+                shapes[name], owners[name] = tuple(handles[file].get_slice(name).get_shape()), file
+        except Exception as e:
+            raise _unreadable(file, e) from None
+
+    def slice_of(name: str, index: tuple) -> np.ndarray:
+        try:
+            return handles[owners[name]].get_slice(name)[index]
+        except Exception as e:
+            raise _unreadable(owners[name], e) from None
+    return Weights(shapes, owners, slice_of)
 
 
 def _shard_files(path: str, index_file: str) -> list[str]:
@@ -124,16 +120,13 @@ def _shard_files(path: str, index_file: str) -> list[str]:
     return [path_inside(path, shard, index_file) for shard in sorted(set(weight_map.values()))]
 
 
-def read_weights(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of the folder: model.safetensors, sharded safetensors with an index, or (opt-in) the .bin."""
+def open_weights(path: str, *, allow_pickle: bool = False) -> Weights:
+    """The folder's tensors: model.safetensors, sharded safetensors with an index, or (opt-in) the .bin."""
     single, index, pickled = (os.path.join(path, n) for n in (SAFETENSORS, SAFETENSORS_INDEX, PICKLE))
     if os.path.isfile(single):
-        return _read_safetensors(single)
+        return _open_safetensors([single])
     if os.path.isfile(index):
-        weights = {}
-        for shard in _shard_files(path, index):
-            weights.update(_read_safetensors(shard))
-        return weights
+        return _open_safetensors(_shard_files(path, index))
     if os.path.isfile(pickled):
         if not allow_pickle:
             raise DretError(f"{pickled} is a pickle, which can run arbitrary code when loaded: pass "
@@ -142,7 +135,8 @@ def read_weights(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarr
             tensors = load_torch_state_dict(pickled)
         except Exception as e:
             raise DretError(f"{pickled}: cannot read it as a PyTorch state dict ({e})") from None
-        return _checked_finite(pickled, tensors)
+        return Weights({k: v.shape for k, v in tensors.items()}, dict.fromkeys(tensors, pickled),
+                       lambda name, index: tensors[name][index])
     raise DretError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
 
 
@@ -177,28 +171,27 @@ def load_tokenizer(path: str, vocab_size: int):
     return tokenizer
 
 
-def _strip_prefix(weights: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
-    """Checkpoints of task models nest the encoder under `bert.` / `roberta.` / ...: drop that prefix."""
-    for prefix in ("", f"{model_type.replace('-', '_')}.", "bert.", "roberta.", "ernie.", "model."):
-        if f"{prefix}embeddings.word_embeddings.weight" in weights:
-            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
-    return weights
+def load_model(path: str, *, hf: dict | None = None, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+               allow_pickle: bool = False, shardings=None) -> tuple[nnx.Module, dict]:
+    """HF folder -> (model with the folder's weights, its HF config dict); `hf` is that dict when the caller has
+    read it already (`read_config`).
 
-
-def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-               allow_pickle: bool = False) -> tuple[BertModel, dict]:
-    """HF folder -> (model with the checkpoint's weights, the HF config dict)."""
-    hf = read_config(path)
-    cfg = BertConfig.from_hf(hf)
-    weights = _strip_prefix(read_weights(path, allow_pickle=allow_pickle), cfg.model_type)
-    abstract = nnx.eval_shape(lambda: BertModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    `shardings` (abstract nnx.State -> the matching tree of NamedShardings, e.g. `dret.sharding.state_shardings`)
+    places each parameter straight onto its sharding, each device's slice read on its own; None puts every
+    parameter whole on the default device.
+    """
+    hf = hf or read_config(path)
+    family, cfg = models.family_of(hf), models.config_of(hf)
+    weights = open_weights(path, allow_pickle=allow_pickle)
+    prefix = family.checkpoint_prefix(weights.shapes, cfg)
+    names = {k[len(prefix):] if k.startswith(prefix) else k: k for k in weights.shapes}  # ours -> checkpoint's
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build(
+        hf, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(state)
-    expected = {_hf_name(p): p for p, _ in flat}
-    unused = sorted(k for k in weights if k not in expected and _UNUSED_KEYS.match(k))
-    unexpected = sorted(k for k in weights if k not in expected and k not in unused)
-    missing = sorted(k for k in expected if k not in weights)
+    expected = {family.hf_name(p): p for p, _ in flat}
+    unused = sorted(k for k in names if k not in expected and family.UNUSED_KEYS.match(k))
+    unexpected = sorted(k for k in names if k not in expected and k not in unused)
+    missing = sorted(k for k in expected if k not in names)
     source = os.path.join(path, "model weights")
     if unexpected or missing:
         raise DretError(f"{source}: keys do not match a {cfg.model_type} encoder: "
@@ -207,19 +200,84 @@ def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: 
     if unused:
         log.info("%s: skipping %d keys embeddings do not use (%s...)", path, len(unused), unused[0])
     for p, var in flat:
-        value = _swap_layout(p, weights[_hf_name(p)])
-        if value.shape != var.shape:
-            raise DretError(f"{source}: {_hf_name(p)} has shape {value.shape}, config.json implies "
-                            f"{_swap_layout(p, np.empty(var.shape)).shape}")
-        var.set_value(jnp.asarray(value, dtype=var.dtype))
+        name, implied = names[family.hf_name(p)], _hf_layout(family, p, var.shape)
+        if weights.shapes[name] != implied:
+            raise DretError(f"{source}: {family.hf_name(p)} has shape {weights.shapes[name]}, config.json implies "
+                            f"{implied}")
+    placements = dict(nnx.to_flat_state(shardings(state))) if shardings is not None else None
+    for p, var in flat:
+        read = functools.partial(_read_param, weights, names[family.hf_name(p)], family.transposed(p), var.dtype)
+        var.set_value(jnp.asarray(read((slice(None),) * len(var.shape))) if placements is None
+                      else jax.make_array_from_callback(var.shape, placements[p], read))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), hf
 
 
-def state_dict(model: BertModel) -> dict[str, np.ndarray]:
+def _hf_layout(family, path: tuple, x):
+    """A parameter (or its shape) in HF's layout, from ours, or back: a transpose is its own inverse."""
+    if not family.transposed(path):
+        return x
+    return tuple(reversed(x)) if isinstance(x, tuple) else x.T
+
+
+def _read_param(weights: Weights, name: str, transposed: bool, dtype, index: tuple) -> np.ndarray:
+    """Our `index` (a tuple of slices) of a parameter, read from its checkpoint tensor and cast to `dtype`."""
+    value = weights.read(name, index[::-1] if transposed else index)
+    return np.ascontiguousarray(value.T if transposed else value, dtype=dtype)
+
+
+def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """HF-named float32 numpy tensors of the model (the inverse of `load_model`'s mapping)."""
+    family = models.family_of({"model_type": model.config.model_type})
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {_hf_name(p): np.ascontiguousarray(_swap_layout(p, np.asarray(jax.device_get(v.get_value()), np.float32)))
+    return {family.hf_name(p): np.ascontiguousarray(_hf_layout(family, p, np.asarray(jax.device_get(v.get_value()),
+                                                                                     np.float32)))
             for p, v in flat}
+
+
+_ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers 6 `pooling_mode`
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                     "pooling_mode_lasttoken": "last"}  # sentence-transformers 5
+
+
+def read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
+    """(pooling, max_seq_length) from a sentence-transformers folder (5.x or 6.x layout), None where it says nothing."""
+    pooling = max_len = None
+    modules_file = os.path.join(path, "modules.json")
+    if os.path.isfile(modules_file):
+        for i, module in enumerate(read_json(modules_file, list)):
+            if not (isinstance(module, dict) and isinstance(module.get("type"), str)):
+                raise DretError(f"{modules_file}: entry {i}: expected an object with a \"type\", got {module!r:.80}")
+            if module["type"].endswith("Pooling"):
+                folder = path_inside(path, module.get("path", ""), modules_file)
+                pooling = _read_pooling(os.path.join(folder, "config.json"))
+        max_len = _max_seq_length(os.path.join(path, "sentence_bert_config.json"))
+        # sentence-transformers 6 keeps it as the tokenizer's model_max_length (huge where unlimited)
+        tokenizer_max = _json_field(os.path.join(path, "tokenizer_config.json"), "model_max_length")
+        max_len = max_len or (tokenizer_max if _is_positive_int(tokenizer_max) else None)
+    return pooling, (max_len if max_len and max_len < 1_000_000 else None)
+
+
+def _read_pooling(file: str) -> str | None:
+    """The pooling a sentence-transformers Pooling config names, None if not exactly one we support."""
+    cfg = read_json(file)
+    on = [name for key, name in _ST_POOLING_FLAGS.items() if cfg.get(key)]
+    mode = cfg.get("pooling_mode")
+    return on[0] if len(on) == 1 else _ST_POOLING.get(mode) if isinstance(mode, str) else None
+
+
+def _max_seq_length(file: str) -> int | None:
+    value = _json_field(file, "max_seq_length")
+    if value is not None and not _is_positive_int(value):
+        raise DretError(f"{file}: max_seq_length: expected a positive integer, got {value!r:.80}")
+    return value
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _json_field(path: str, key: str):
+    return read_json(path).get(key) if os.path.isfile(path) else None
 
 
 def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_seq_length: int) -> dict:
@@ -239,7 +297,7 @@ def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_se
             "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False}}
 
 
-def export(model: BertModel, hf_config: dict, tokenizer, out_dir: str, *, pooling: str, normalize: bool,
+def save_folder(model: nnx.Module, hf_config: dict, tokenizer, out_dir: str, *, pooling: str, normalize: bool,
            max_seq_length: int) -> None:
     """Write an HF folder that `transformers.AutoModel` and `SentenceTransformer` load.
 
@@ -251,19 +309,20 @@ def export(model: BertModel, hf_config: dict, tokenizer, out_dir: str, *, poolin
         raise DretError(f"{out_dir} already exists: choose a new folder or remove it first")
     staging = f"{out_dir}.tmp-{os.getpid()}"
     try:
-        _write_folder(model, hf_config, tokenizer, staging, pooling=pooling, normalize=normalize,
+        _write_files(model, hf_config, tokenizer, staging, pooling=pooling, normalize=normalize,
                       max_seq_length=max_seq_length)
         os.rename(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_folder(model: BertModel, hf_config: dict, tokenizer, folder: str, *, pooling: str, normalize: bool,
+def _write_files(model: nnx.Module, hf_config: dict, tokenizer, folder: str, *, pooling: str, normalize: bool,
                   max_seq_length: int) -> None:
     os.makedirs(os.path.join(folder, "1_Pooling"))
     if normalize:
         os.makedirs(os.path.join(folder, "2_Normalize"))
-    config = dict(hf_config, architectures=[_HF_MODEL_CLASS[hf_config["model_type"]]], torch_dtype="float32")
+    hf_class = models.family_of(hf_config).HF_CLASSES[hf_config["model_type"]]
+    config = dict(hf_config, architectures=[hf_class], torch_dtype="float32")
     files = {"config.json": config, **_sentence_transformers_files(
         pooling, normalize, model.config.hidden_size, max_seq_length)}
     for name, content in files.items():

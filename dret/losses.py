@@ -23,10 +23,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-
-def _normalize(x_bd: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """L2-normalise rows (torch/paddle `normalize` semantics: divide by max(norm, eps))."""
-    return x_bd / jnp.maximum(jnp.linalg.norm(x_bd, axis=-1, keepdims=True), eps)
+from dret.pooling import l2_normalize
 
 
 def contrastive_loss(
@@ -79,8 +76,8 @@ def matryoshka_loss(
     metrics = {}
     for dim, weight in sorted(zip(dims, weights)):
         loss_dim, dim_metrics = contrastive_loss(
-            _normalize(q_bd[:, :dim].astype(jnp.float32)),
-            _normalize(p_nd[:, :dim].astype(jnp.float32)),
+            l2_normalize(q_bd[:, :dim].astype(jnp.float32)),
+            l2_normalize(p_nd[:, :dim].astype(jnp.float32)),
             **contrastive_kwargs,
         )
         total = total + weight * loss_dim

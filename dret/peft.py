@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from dret import models
+
 FINE_TUNE_TYPES = ("sft", "lora", "bitfit")
 
 
@@ -37,11 +39,13 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, ta
     return model
 
 
-def split_trainable(model: nnx.Module, config):
-    """(graphdef, trainable state, frozen state) of a backbone, with LoRA adapters added when configured."""
+def split_trainable(model: nnx.Module, hf_config: dict, config):
+    """(graphdef, trainable state, frozen state) of a backbone, with LoRA adapters added when configured (on
+    lora_target_modules, or the model family's default targets when that is empty)."""
     if config.fine_tune_type == "lora":
+        targets = tuple(config.lora_target_modules) or models.family_of(hf_config).LORA_TARGETS
         model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           target_modules=tuple(config.lora_target_modules), seed=config.seed)
+                           target_modules=targets, seed=config.seed)
     return nnx.split(model, trainable(config.fine_tune_type), ...)
 
 

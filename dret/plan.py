@@ -45,16 +45,15 @@ def abstract_model(config, hf: dict):
     """(graphdef, params, frozen) of the run's backbone as ShapeDtypeStruct-valued states (no weights)."""
     from flax import nnx
 
-    from dret import peft
-    from dret.models.bert import BertConfig, BertModel
-    from dret.trainer import precision
+    from dret import models, peft
+    from dret.train_step import precision
 
     dtype, param_dtype = precision(config)
 
     def make():
-        model = BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
-                          rngs=nnx.Rngs(config.seed))
-        return peft.split_trainable(model, config)
+        model = models.build(hf, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
+                             rngs=nnx.Rngs(config.seed))
+        return peft.split_trainable(model, hf, config)
 
     return nnx.eval_shape(make)
 
@@ -65,7 +64,7 @@ def plan_stage(config, hf: dict, mesh, global_batch: int) -> dict[str, int]:
     import jax.numpy as jnp
 
     from dret.sharding import BATCH, bytes_per_device, grad_shardings, parse_sharding
-    from dret.trainer import make_optimizer, make_step, state_layout
+    from dret.train_step import make_optimizer, make_step, state_layout
 
     graphdef, params, frozen = abstract_model(config, hf)
     tx = make_optimizer(config, 1000)[0]
@@ -118,13 +117,13 @@ def plan(config, devices: int, device_memory: int, global_batch: int = 0, model_
     """The plan as a markdown table (one row per stage)."""
     import jax
 
-    from dret.resources import hf_config_of
+    from dret.resources import resolve_model
     from dret.sharding import STAGES, data_parallel_size, make_mesh
 
     if jax.device_count() < devices:
         from dret.errors import DretError
         raise DretError(f"{devices} devices asked, {jax.device_count()} available: run dret.plan in a fresh process")
-    hf = json.load(open(model_config)) if model_config else hf_config_of(config)
+    hf = json.load(open(model_config)) if model_config else resolve_model(config).hf
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=jax.devices()[:devices])
     dp = data_parallel_size(mesh)
     global_batch = global_batch or config.per_device_train_batch_size * dp * config.gradient_accumulation_steps

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
+import jax
 from flax import nnx
 
-from dret import hf_io
+from dret import hf_io, models
 from dret.demo_data import BUILTIN_TRAIN_DATA, write_train_jsonl
 from dret.errors import DretError
-from dret.models.bert import BertConfig, BertModel
 
 BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -32,28 +33,40 @@ def model_dir(config) -> str | None:
     return path
 
 
-def hf_config_of(config) -> dict:
-    """The run's HF config dict; tiny runs shrink it (or a BERT config on the bundled vocabulary) to TINY."""
-    hf = hf_io.read_config(model_dir(config) or bundled_minilm())
-    return {**hf, **TINY} if config.tiny else hf
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A run's model, resolved once: the folder its tokenizer (and, unless tiny, its weights) come from, and its HF
+    config dict (tiny runs: shrunk to TINY)."""
+
+    folder: str
+    hf: dict
+    tiny: bool
 
 
-def build_backbone(config, *, dtype, param_dtype):
-    """(backbone, HF config dict) for the run: real weights, or random ones when tiny."""
-    path = model_dir(config)
-    if config.tiny:
-        hf = hf_config_of(config)
-        model = BertModel(BertConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
-                          rngs=nnx.Rngs(config.seed))
-    else:
-        model, hf = hf_io.load_model(path, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
-                                     allow_pickle=config.allow_pickle)
-    return model, hf
+def resolve_model(config) -> ModelSource:
+    """model_name_or_path (or, for a tiny run without one, the bundled MiniLM's vocabulary) with its config.json."""
+    folder = model_dir(config) or bundled_minilm()
+    hf = hf_io.read_config(folder)
+    return ModelSource(folder, {**hf, **TINY} if config.tiny else hf, config.tiny)
 
 
-def tokenizer_of(config, hf: dict):
+def build_backbone(source: ModelSource, config, *, dtype, param_dtype, shardings=None) -> nnx.Module:
+    """The run's backbone: real weights, or random ones when tiny. `shardings` (nnx.State -> NamedShardings, as
+    `hf_io.load_model` takes it) places the weights; None leaves them on the default device."""
+    if not source.tiny:
+        return hf_io.load_model(source.folder, hf=source.hf, dtype=dtype, param_dtype=param_dtype,
+                                remat=config.recompute, allow_pickle=config.allow_pickle, shardings=shardings)[0]
+    model = models.build(source.hf, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
+                         rngs=nnx.Rngs(config.seed))
+    if shardings is not None:
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, shardings(state)))
+    return model
+
+
+def tokenizer_of(source: ModelSource):
     """The run's tokenizer: the model folder's (or the bundled MiniLM's for a tiny run without one)."""
-    return hf_io.load_tokenizer(model_dir(config) or bundled_minilm(), hf["vocab_size"])
+    return hf_io.load_tokenizer(source.folder, source.hf["vocab_size"])
 
 
 def resolve_train_data(config) -> str:

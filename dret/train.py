@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 from dret.config_check import parse_flags
 from dret.errors import run_command
-from dret.trainer import train_command
+from dret.train_command import train_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file of ml_configs/", lock_config=True)
 flags.mark_flags_as_required(["config"])

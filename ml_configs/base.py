@@ -29,7 +29,10 @@ def get_config(arg=None):
     c.num_train_epochs = 1  # passes over the data (max_steps wins when > 0)
     c.max_steps = -1  # optimizer steps; -1 = from num_train_epochs
     c.per_device_train_batch_size = 8  # queries per data-parallel device per micro-batch
-    c.gradient_accumulation_steps = 1  # micro-batches per optimizer step (scanned inside the step)
+    # Micro-batches per optimizer step (scanned inside the step). Each micro-batch's queries are scored against that
+    # micro-batch's passages only (all devices' with negatives_cross_device): accumulation averages gradients but
+    # shrinks the negative pool to a micro-batch, unlike one batch of the same size.
+    c.gradient_accumulation_steps = 1
     c.learning_rate = 3e-5  # peak AdamW learning rate
     c.warmup_steps = 0  # linear warmup steps, then linear decay to 0
     c.weight_decay = 0.0  # AdamW weight decay (never on biases and norms)
@@ -47,16 +50,16 @@ def get_config(arg=None):
     # Precision and memory.
     c.bf16 = False  # bfloat16 compute, float32 master weights
     c.fp16 = False  # float16 compute with dynamic loss scaling, float32 master weights
-    c.fp16_opt_level = "O1"  # O0: fp32 compute; O1: fp16 matmuls, fp32 norms/softmax/loss; O2: as O1 (fp32 masters kept)
+    c.fp16_opt_level = "O1"  # O0: fp32 compute; O1: fp16 matmuls, fp32 norms/softmax/loss; O2 is O1 here (warned)
     c.recompute = False  # rematerialise each layer in the backward pass (nnx.remat)
-    c.use_flash_attention = False  # cuDNN flash attention is used on GPU whenever compute is half precision
+    c.use_flash_attention = False  # changes nothing (warned): GPUs use cuDNN flash attention in half precision
     c.sharding = ""  # "" | stage1 | stage2 | stage3, optionally + " offload"
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # device mesh; -1 = the rest
     # LoRA (fine_tune_type=lora).
     c.lora_rank = 32  # adapter rank r
     c.lora_alpha = 64  # scale alpha / r
     c.lora_dropout = 0.1  # dropout on the adapter input
-    c.lora_target_modules = ("query", "key", "value")  # module names that get adapters
+    c.lora_target_modules = ()  # module names that get adapters; () = the family's defaults (BERT: query, key, value)
     # Checkpoints and logs.
     c.save_steps = 500  # checkpoint every N optimizer steps (and at the end)
     c.save_total_limit = 3  # checkpoints kept

@@ -1,12 +1,13 @@
-"""The CPU attention (the fused C++ kernel, and the rematerialised loop over examples where the kernel does not
-apply) equals XLA's `jax.nn.dot_product_attention`."""
+"""The CPU attention (`dret.models.cpu`: the fused C++ kernel, and the rematerialised loop over examples where the
+kernel does not apply) equals XLA's `jax.nn.dot_product_attention`, and so does the accelerator branch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dret.models import attention, cpu_kernels
+from dret.models import cpu
+from dret.models.cpu import attention as cpu_attention, kernels
 from dret.models.attention import dot_product_attention
 from dret.models.logical import activation_rules
 from dret.sharding import ActivationConstraint, batch_sharding, make_mesh
@@ -71,7 +72,7 @@ def test_accelerator_branch_equals_the_cpu_loop(monkeypatch):
     """The GPU / TPU branch (XLA or cuDNN, mask broadcast to [B, 1, T, S] as cuDNN requires) gives the same values."""
     q, k, v, mask_bt = _inputs(seed=2)
     on_cpu = dot_product_attention(q, k, v, mask_bt)
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(cpu, "active", lambda: False)
     np.testing.assert_allclose(dot_product_attention(q, k, v, mask_bt), on_cpu, rtol=1e-5, atol=1e-6)
 
 
@@ -97,19 +98,19 @@ def _segment_cases():
     return [(np.zeros((5, 37), np.int32), key_mask, 70), (packed, packed, 37)]
 
 
-@pytest.mark.parametrize("h", attention.FUSED_HEAD_SIZES)
+@pytest.mark.parametrize("h", cpu_attention.FUSED_HEAD_SIZES)
 def test_fused_kernel_and_loop_equal_float64_attention(h):
     """Every compiled head size, row counts that leave partial row blocks, large scores; a query that sees no key
     averages all values (uniform weights, as the masked softmax gives). The kernel's error is that of float32."""
-    assert cpu_kernels.attention_target() is not None
+    assert kernels.attention_target() is not None
     rng = np.random.default_rng(h)
     for q_segments, kv_segments, s in _segment_cases():
         q_btnh = rng.standard_normal((5, 37, 3, h)) * 3
         k_bsnh, v_bsnh = (rng.standard_normal((5, s, 3, h)) for _ in range(2))
         want = _float64_attention(q_btnh, k_bsnh, v_bsnh, q_segments, kv_segments)
         args = (*(jnp.asarray(x, jnp.float32) for x in (q_btnh, k_bsnh, v_bsnh)), q_segments, kv_segments)
-        np.testing.assert_allclose(jax.jit(attention._fused_attention)(*args), want, rtol=1e-5, atol=1e-5)
-        loop = jax.jit(lambda *a: attention._blocked_attention(*a, False))(*args)
+        np.testing.assert_allclose(jax.jit(cpu_attention.fused_attention)(*args), want, rtol=1e-5, atol=1e-5)
+        loop = jax.jit(lambda *a: cpu_attention.blocked_attention(*a, False))(*args)
         np.testing.assert_allclose(loop, want, rtol=1e-5, atol=1e-5)
 
 
@@ -119,19 +120,20 @@ def test_packed_segments_on_the_accelerator_branch(monkeypatch):
     q_segments, kv_segments, _ = _segment_cases()[1]
     q, k, v = (jnp.asarray(rng.standard_normal((5, 37, 2, 16)), jnp.float32) for _ in range(3))
     want = _float64_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), q_segments, kv_segments)
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(cpu, "active", lambda: False)
     np.testing.assert_allclose(dot_product_attention(q, k, v, kv_segments, q_segments), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_float32_attention_runs_the_fused_kernel():
     q, k, v, mask_bt = _inputs()
     hlo = jax.jit(dot_product_attention).lower(q, k, v, mask_bt).as_text()
-    assert cpu_kernels.ATTENTION_TARGET in hlo
+    assert kernels.ATTENTION_TARGET in hlo
 
 
 def test_without_a_compiler_the_kernel_is_none_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("DRET_KERNEL_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="could not build .*cpu_attention.cc .*no C\\+\\+ compiler 'no-such-compiler'"):
-        assert cpu_kernels._load(cpu_kernels.ATTENTION_SOURCE) is None
+    warning = "could not build .*/cpu/attention.cc .*no C\\+\\+ compiler 'no-such-compiler'"
+    with pytest.warns(UserWarning, match=warning):
+        assert kernels.load(kernels.ATTENTION_SOURCE) is None
     assert not list(tmp_path.iterdir())

@@ -159,7 +159,7 @@ def test_empty_neg_filled_from_other_rows_positives(tokenizer, tmp_path, caplog)
 def test_arrow_cache_reused_without_reparsing(tokenizer, tmp_path, monkeypatch):
     path = _write(tmp_path / "t.jsonl", [_row(i) for i in range(8)])
     first = _make(tokenizer, path, tmp_path)
-    assert first._rows.cache_files  # memory-mapped from the Arrow cache, not loaded into RAM
+    assert first.rows.cache_files  # memory-mapped from the Arrow cache, not loaded into RAM
     (arrow,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".arrow")]
     mtime = os.stat(arrow).st_mtime_ns
 

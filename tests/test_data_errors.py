@@ -74,7 +74,7 @@ def test_lone_surrogate_skipped_and_counted(tokenizer, tmp_path, caplog):
 def test_surrogate_pair_escape_is_one_character(tokenizer, tmp_path):
     path = _file(tmp_path, b'{"query": "smile \\ud83d\\ude00", "pos": ["b"], "neg": ["c"]}\n' + GOOD + b"\n")
     data = _make(tokenizer, path, tmp_path)
-    assert "smile \U0001F600" in data._rows["query"]
+    assert "smile \U0001F600" in data.rows["query"]
 
 
 def test_byte_order_marks_are_ignored(tokenizer, tmp_path):

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from dret.errors import DretError
-from dret.eval import encode as encode_lib
-from dret.model import Embedder, pool
+from dret import encode as encode_lib
+from dret.model import Embedder
+from dret.pooling import pool
 
 
 def numpy_pool(h, mask, method):

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax.numpy as jnp
+import pytest
 
 from dret.eval import model_dir
 from dret.eval.__main__ import main as eval_main
@@ -14,7 +15,7 @@ from tests.train_util import tiny_config
 
 def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
     config = tiny_config(tmp_path, fine_tune_type="lora", lora_rank=4, max_steps=2, save_steps=1)
-    train_and_evaluate(config)
+    export_dir = train_and_evaluate(config)
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
     (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"document {i} topic {i % 3}"})
@@ -24,7 +25,10 @@ def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
     (beir / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
     common = ["--data", str(beir), "--output_folder", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "c")]
     latest = eval_main(["--model", config.output_dir, *common])[0]
-    assert latest["step"] is None and 0 <= latest["ndcg_at_10"] <= 1
+    exported = eval_main(["--model", export_dir, *common])[0]  # the same step-2 weights, merged at the run's end
+    assert latest["step"] is None
+    for metric in ("ndcg_at_10", "mrr_at_10", "recall_at_10"):
+        assert latest[metric] == pytest.approx(exported[metric], abs=1e-6), metric
     rows = eval_main(["--evaluate_all", "--checkpoint_dir", config.output_dir, *common])
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["ndcg_at_10"] == latest["ndcg_at_10"]  # the latest step is step 2

@@ -18,7 +18,7 @@ from flax import nnx
 from dret.errors import run_command
 from dret.eval.__main__ import main as eval_main
 from dret.model import Embedder
-from dret.trainer import train_command
+from dret.train_command import train_command
 from tests.train_util import ROOT, tiny_config
 
 UNICODE_EDGES = ["\\ud800", "\\udfff", "\\u0000", "\ufeff", "\u202e", "e\u0301", "\U0001f600", "\u2028", "\x85",
@@ -130,7 +130,7 @@ def check_outcome(case: str, status: int, stderr: str) -> None:
 def inputs(tmp_path_factory):
     """A valid training jsonl, BEIR folder and tiny model folder (random weights on MiniLM's tokenizer)."""
     from dret.hf_io import read_config
-    from dret.models.bert import BertConfig, BertModel
+    from dret import models
     from dret.resources import TINY, bundled_minilm
     import transformers
 
@@ -147,7 +147,7 @@ def inputs(tmp_path_factory):
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t{i % 3}\n"
                                                                                       for i in range(4)))
     hf = {**read_config(bundled_minilm()), **TINY}
-    Embedder(BertModel(BertConfig.from_hf(hf), rngs=nnx.Rngs(0)),
+    Embedder(models.build(hf, rngs=nnx.Rngs(0)),
              transformers.AutoTokenizer.from_pretrained(bundled_minilm()), hf, pooling="mean").save(str(root / "model"))
     return root
 

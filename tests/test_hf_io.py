@@ -13,7 +13,7 @@ import transformers
 from sentence_transformers import SentenceTransformer
 
 from dret.errors import DretError
-from dret.hf_io import load_model, read_weights, state_dict
+from dret.hf_io import load_model, open_weights, state_dict
 from dret.model import Embedder
 from tests.test_parity import MIN_COSINE, cosine_rows, varied_texts
 
@@ -107,7 +107,7 @@ def test_pickle_reader_refuses_code(tmp_path):
     payload = pickle.dumps(os.system)  # would resolve posix.system
     with zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w") as z:
         z.writestr("archive/data.pkl", payload)
-    one_line_error(lambda: read_weights(str(tmp_path), allow_pickle=True), "pytorch_model.bin", "refusing")
+    one_line_error(lambda: open_weights(str(tmp_path), allow_pickle=True), "pytorch_model.bin", "refusing")
 
 
 def test_folder_without_weights(minilm_dir, tmp_path):

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from dret import models
 from dret.errors import DretError
 from dret.eval import model_dir
-from dret.hf_io import load_model, read_weights, state_dict
+from dret.hf_io import load_model, open_weights, state_dict
 from dret.model import Embedder
+from dret.models import bert
 from dret.models.bert import BertConfig
 from dret.torch_pickle import load_torch_state_dict
 from tests.test_hf_io import one_line_error
@@ -53,6 +55,12 @@ def write_bin(folder, storage: np.ndarray, offset: int, size: tuple, stride: tup
     return path
 
 
+def read_all(folder) -> dict[str, np.ndarray]:
+    """Every tensor of a model folder, each checked as `load_model` checks the ones it places."""
+    weights = open_weights(str(folder), allow_pickle=True)
+    return {name: weights.read(name) for name in weights.shapes}
+
+
 def test_bin_views_within_their_storage_load_as_torch_loads_them(tmp_path):
     storage = np.arange(12, dtype=np.float32)
     path = write_bin(str(tmp_path), storage, offset=2, size=(2, 3), stride=(1, 3))
@@ -78,8 +86,7 @@ def test_bin_views_within_their_storage_load_as_torch_loads_them(tmp_path):
 ])
 def test_bin_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride):
     write_bin(str(tmp_path), np.arange(12, dtype=np.float32), offset, size, stride)
-    one_line_error(lambda: read_weights(str(tmp_path), allow_pickle=True), "pytorch_model.bin", "'encoder.w'",
-                   "storage")
+    one_line_error(lambda: read_all(tmp_path), "pytorch_model.bin", "'encoder.w'", "storage")
 
 
 # --- item 2: tokenizers -------------------------------------------------------------------------------------------
@@ -164,6 +171,25 @@ def test_null_config_values_take_their_defaults():
     assert BertConfig.from_hf({**BERT, "pad_token_id": None}).pad_token_id == 0
 
 
+def test_the_registry_picks_the_family_by_model_type_or_architectures():
+    assert models.family_of(BERT) is models.family_of({"architectures": ["XLMRobertaModel"]}) is bert
+    one_line_error(lambda: models.family_of({}, "m/config.json"), "m/config.json", "missing model_type",
+                   "bert, roberta, xlm-roberta, ernie")
+    one_line_error(lambda: models.family_of({"model_type": ["bert"]}, "m/config.json"), "m/config.json",
+                   "model_type: expected one of bert", "got ['bert']")
+    roberta = models.config_of({**BERT, "model_type": "roberta", "pad_token_id": 1, "max_position_embeddings": 514})
+    assert (roberta.hidden_size, roberta.vocab_size, roberta.max_text_length) == (64, 100, 512)
+
+
+def test_a_weight_shape_that_does_not_fit_the_config_names_both_in_the_checkpoint_layout(minilm_dir, tmp_path):
+    shutil.copy(os.path.join(minilm_dir, "config.json"), tmp_path)
+    tensors = state_dict(load_model(minilm_dir)[0])
+    key = "encoder.layer.1.output.dense.weight"  # HF's [out, in] = [384, 1536]; ours is [1536, 384]
+    tensors[key] = tensors[key][:, 1:].copy()
+    safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+    one_line_error(lambda: load_model(str(tmp_path)), f"{key} has shape (384, 1535), config.json implies (384, 1536)")
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"\xff\xfe\x00garbage", "not UTF-8"),
     (b'{"model_type": "bert",', "not valid JSON"),
@@ -225,8 +251,7 @@ def test_non_finite_weights_are_refused(minilm_dir, minilm_tensors, tmp_path, ba
 
 def test_non_finite_bin_weights_are_refused(tmp_path):
     write_bin(str(tmp_path), np.array([1.0, np.nan], np.float32), 0, (2,), (1,))
-    one_line_error(lambda: read_weights(str(tmp_path), allow_pickle=True), "pytorch_model.bin", "'encoder.w'",
-                   "non-finite")
+    one_line_error(lambda: read_all(tmp_path), "pytorch_model.bin", "'encoder.w'", "non-finite")
 
 
 @pytest.mark.parametrize("corrupt", [

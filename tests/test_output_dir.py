@@ -134,15 +134,15 @@ from dret.errors import run_command
 from dret.model import Embedder
 from dret.resources import TINY, bundled_minilm
 from dret.hf_io import read_config
-from dret.models.bert import BertConfig, BertModel
-from dret.trainer import export
+from dret import models
+from dret.inference import publish
 import transformers
 hf = {**read_config(bundled_minilm()), **TINY}
-embedder = Embedder(BertModel(BertConfig.from_hf(hf), rngs=nnx.Rngs(0)),
+embedder = Embedder(models.build(hf, rngs=nnx.Rngs(0)),
                     transformers.AutoTokenizer.from_pretrained(bundled_minilm()), hf, pooling="mean")
 os.makedirs(sys.argv[1] + "/export")
 open(sys.argv[1] + "/export/config.json", "w").write("previous")
-run_command(export, embedder, sys.argv[1] + "/export")
+run_command(publish, embedder, sys.argv[1] + "/export")
 """
 
 

@@ -97,17 +97,17 @@ def test_random_encoder_hidden_states_match_transformers(kind, tmp_path):
 
 
 def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
-    """The inference compile options route dots to XNNPACK (`dret.models.xla_cpu`); a miscompile there would
+    """The inference compile options route dots to XNNPACK (`dret.models.cpu`); a miscompile there would
     change embeddings, so compare against the same forward compiled with XLA's defaults."""
     from flax import nnx
 
-    from dret.eval.encode import PackedBatch, pack
+    from dret.encode import PackedBatch, pack
     from dret.model import jit_forward
-    from dret.models.xla_cpu import inference_compiler_options
+    from dret.models import cpu
 
     embedder = Embedder.from_pretrained(minilm_dir)
-    assert inference_compiler_options(embedder.backbone.dtype)  # float32 on CPU, where the options apply
-    assert inference_compiler_options("bfloat16") is None
+    assert cpu.compiler_options(embedder.backbone.dtype)  # float32 on CPU, where the options apply
+    assert cpu.compiler_options("bfloat16") is None
     graphdef, state = nnx.split(embedder.backbone)
     default_jit = jit_forward(graphdef, None)
     ids = embedder.tokenize(varied_texts()[:16], 128)
@@ -115,6 +115,6 @@ def test_cpu_library_options_agree_with_xla_defaults(minilm_dir):
     batch = PackedBatch.build(ids, rows, len(rows), 256, 32, 0)
     arrays = (batch.ids_rl, batch.slots_rl, batch.positions_rl, batch.lengths_rl)
     args = dict(texts_per_row=32, pooling="mean", normalize=True, dim=None)
-    ours = np.asarray(embedder._jitted(state, *arrays, **args))
+    ours = np.asarray(embedder.forward(state, *arrays, **args))
     default = np.asarray(default_jit(state, *arrays, **args))
     np.testing.assert_allclose(ours, default, atol=2e-6)

@@ -7,14 +7,14 @@ import pytest
 from flax import nnx
 
 from dret.errors import DretError
-from dret.trainer import build_run, train_and_evaluate
+from dret.trainer import train_and_evaluate
 from tests.test_train import flat, steps
-from tests.train_util import tiny_config
+from tests.train_util import new_run, tiny_config
 
 
 @pytest.mark.parametrize("flag", ["bf16", "fp16"])
 def test_half_precision_trains_with_float32_masters(flag, tmp_path):
-    run = build_run(tiny_config(tmp_path, **{flag: True}))
+    run = new_run(tiny_config(tmp_path, **{flag: True}))
     state, metrics = steps(run, 3)
     assert all(v.dtype == np.float32 for v in flat(state.params).values())
     assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0
@@ -25,7 +25,7 @@ def test_half_precision_trains_with_float32_masters(flag, tmp_path):
 
 
 def test_overflowing_step_is_skipped_and_fp16_scale_halves(tmp_path):
-    run = build_run(tiny_config(tmp_path, fp16=True))
+    run = new_run(tiny_config(tmp_path, fp16=True))
     run.state = run.state.replace(loss_scale=jnp.float32(3e38))  # the scaled loss overflows to inf
     before = flat(run.state.params)
     state, metrics = steps(run, 1)
@@ -43,6 +43,6 @@ def test_run_aborts_after_max_nonfinite_steps(tmp_path):
 
 
 def test_o0_keeps_float32_compute(tmp_path):
-    run = build_run(tiny_config(tmp_path, fp16=True, fp16_opt_level="O0"))
+    run = new_run(tiny_config(tmp_path, fp16=True, fp16_opt_level="O0"))
     assert not run.step_config.fp16
     assert jax.tree.leaves(run.state.params)[0].dtype == np.float32

@@ -15,17 +15,17 @@ from tests.train_util import ROOT
 
 README = pathlib.Path(ROOT, "README.md").read_text()
 SMALL_TRAIN = ["--config.per_device_train_batch_size=1", "--config.passage_max_len=32", "--config.save_steps=1"]
-MINILM = ["--config.use_matryoshka=False"]  # rocketqa.py's Matryoshka dims (512, 768) exceed MiniLM's 384
+SMALL_MODEL = ["--config.use_matryoshka=False"]  # rocketqa.py's Matryoshka dims exceed the small model's 64
 # README command -> (folder it runs in, placeholder substitutions, size flags added, expected exit status)
 RUN = {
     "python -m dret.train --config ml_configs/rocketqa.py --config.model_name_or_path=path/to/hf_model "
     "--config.train_data=data/train.jsonl --config.output_dir=runs/rocketqa":
-        ("real", {}, ["--config.max_steps=1", *SMALL_TRAIN, *MINILM], 0),
+        ("real", {}, ["--config.max_steps=1", *SMALL_TRAIN, *SMALL_MODEL], 0),
     "python -m dret.train --config ml_configs/rocketqa.py --config.tiny=True --config.train_data= --config.max_steps=2":
         ("work", {}, SMALL_TRAIN, 0),
     "python -m dret.train --config ml_configs/rocketqa.py --config.model_name_or_path=path/to/hf_model "
     "--config.train_data=data/train.jsonl --config.dry_run=True":
-        ("work", {}, [*SMALL_TRAIN, *MINILM], 0),
+        ("work", {}, [*SMALL_TRAIN, *SMALL_MODEL], 0),
     "python -m dret.export --checkpoint runs/rocketqa [--step N] --out hf_model/":
         ("work", {"[--step N]": "--step 1"}, [], 0),
     "python -m dret.plan --config ml_configs/xlmr_large.py --model_config ml_configs/xlm-roberta-large.json "
@@ -46,21 +46,38 @@ def readme_commands() -> list[str]:
     return [" ".join(line.split("#")[0].split()) for line in lines if line.strip().startswith("python -m dret.")]
 
 
+def _small_hf_model(folder: pathlib.Path, minilm_dir: str) -> None:
+    """An HF / sentence-transformers folder of a 2-layer, 64-wide BERT (random weights) on MiniLM's tokenizer:
+    a real model folder that trains in seconds."""
+    import transformers
+    from flax import nnx
+
+    from dret import models
+    from dret.hf_io import read_config
+    from dret.model import Embedder
+    from dret.resources import TINY
+
+    hf = {**read_config(minilm_dir), **TINY}
+    Embedder(models.build(hf, rngs=nnx.Rngs(0)), transformers.AutoTokenizer.from_pretrained(minilm_dir), hf,
+             pooling="cls").save(str(folder))
+
+
 def _folders(tmp_path, minilm_dir) -> dict[str, pathlib.Path]:
     """Two new folders with the README's relative paths: ml_configs/, data/train.jsonl, a BEIR folder, a small
-    config.json for dret.plan (compiling XLM-R large's step takes ~10 minutes) and the MiniLM folder."""
+    config.json for dret.plan (compiling XLM-R large's step takes ~10 minutes) and a small HF model folder."""
     rows = [{"query": f"what is item {i}?", "pos": [f"item {i} is a thing"], "neg": [f"item {i + 1} is not"]}
             for i in range(24)]
     beir = {"corpus.jsonl": [{"_id": f"d{i}", "title": "", "text": f"document {i}"} for i in range(12)],
             "queries.jsonl": [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)]}
     xlmr = json.loads(pathlib.Path(ROOT, "ml_configs", "xlm-roberta-large.json").read_text())
+    _small_hf_model(tmp_path / "hf_model", minilm_dir)
     folders = {}
     for name in ("work", "real"):
         folder = folders[name] = tmp_path / name
         (folder / "data").mkdir(parents=True)
         (folder / "ml_configs").symlink_to(pathlib.Path(ROOT, "ml_configs"))
         (folder / "path" / "to").mkdir(parents=True)
-        (folder / "path" / "to" / "hf_model").symlink_to(minilm_dir)
+        (folder / "path" / "to" / "hf_model").symlink_to(tmp_path / "hf_model")
         (folder / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / "beir" / "qrels").mkdir(parents=True)
         for file, items in beir.items():

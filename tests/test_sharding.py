@@ -9,12 +9,11 @@ import pytest
 
 from dret.checkpoint import Checkpointer, abstract
 from dret.plan import plan_stage
-from dret.resources import hf_config_of
+from dret.resources import resolve_model
 from dret.sharding import (batch_sharding, bytes_per_device, grad_shardings, make_mesh, param_axes,
                            state_shardings)
-from dret.train_step import _loss, _micro_loss, _place
-from dret.trainer import build_run
-from tests.train_util import tiny_config
+from dret.train_step import batch_loss, micro_batch_loss, place
+from tests.train_util import new_run, tiny_config
 
 # (data, fsdp, tensor) meshes, each paired with a stage; (1, 1, 1) without sharding is the reference.
 MESHES = [((1, 1, 1), ""), ((8, 1, 1), "stage1"), ((2, 4, 1), "stage3"), ((2, 2, 2), "stage2"),
@@ -27,7 +26,7 @@ def tiny(tmp_path_factory):
     """(config, run, numpy params, frozen and first batch): cross-device negatives, stage3 on a (1, 8, 1) mesh."""
     config = tiny_config(tmp_path_factory.mktemp("sharding"), negatives_cross_device=True, sharding="stage3")
     config.mesh.data, config.mesh.fsdp = 1, 8
-    run = build_run(config)
+    run = new_run(config)
     batch = run.data.batch(0, 0)
     return config, run, jax.device_get(run.state.params), jax.device_get(run.state.frozen), batch
 
@@ -38,8 +37,8 @@ def loss_and_grads(run, params, frozen, batch, mesh_shape, stage):
     cfg = dataclasses.replace(run.step_config, grad_shardings=grad_shardings(mesh, params, stage))
 
     def fn(params, frozen, batch):
-        (loss, _), grads = jax.value_and_grad(_micro_loss, has_aux=True)(params, frozen, batch, RNG, cfg)
-        return loss, _place(grads, cfg.grad_shardings)
+        (loss, _), grads = jax.value_and_grad(micro_batch_loss, has_aux=True)(params, frozen, batch, RNG, cfg)
+        return loss, place(grads, cfg.grad_shardings)
 
     params = jax.device_put(params, state_shardings(mesh, params, fsdp_axes=param_axes(stage)))
     frozen = jax.device_put(frozen, state_shardings(mesh, frozen, fsdp_axes=param_axes(stage)))
@@ -71,25 +70,25 @@ def numpy_loss(q_bd, p_nd, group_size, temperature):
 def sharded_loss(cfg, q_bd, p_nd, mesh_shape):
     mesh = make_mesh(*mesh_shape)
     q_bd, p_nd = jax.device_put((q_bd, p_nd), batch_sharding(mesh))
-    loss, metrics = jax.jit(_loss, static_argnums=2)(q_bd, p_nd, cfg)
+    loss, metrics = jax.jit(batch_loss, static_argnums=2)(q_bd, p_nd, cfg)
     return float(loss), float(metrics["accuracy"])
 
 
 def test_without_cross_device_negatives_each_shard_scores_its_own_passages(tiny):
-    cfg = dataclasses.replace(tiny[1].step_config, matryoshka=(), group_size=3, loss_shards=8)
+    cfg = dataclasses.replace(tiny[1].step_config, matryoshka=(), train_group_size=3, negatives_cross_device=False)
     rng = np.random.default_rng(0)
     q_bd, p_nd = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(48, 8)).astype(np.float32)
     expected = np.mean([numpy_loss(q_bd[2 * s:2 * s + 2], p_nd[6 * s:6 * s + 6], 3, cfg.temperature)
                         for s in range(8)])
     loss, _ = sharded_loss(cfg, q_bd, p_nd, (2, 4, 1))
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    np.testing.assert_allclose(sharded_loss(dataclasses.replace(cfg, loss_shards=1), q_bd, p_nd, (2, 4, 1))[0],
+    np.testing.assert_allclose(sharded_loss(dataclasses.replace(cfg, negatives_cross_device=True), q_bd, p_nd, (2, 4, 1))[0],
                                numpy_loss(q_bd, p_nd, 3, cfg.temperature), rtol=1e-5)
 
 
 def test_cross_device_labels_follow_the_global_passage_order(tiny):
     """Each device holds one query and its own 2 passages; query i matches only passage 2i of the global batch."""
-    cfg = dataclasses.replace(tiny[1].step_config, matryoshka=(), group_size=2, loss_shards=1)
+    cfg = dataclasses.replace(tiny[1].step_config, matryoshka=(), train_group_size=2, negatives_cross_device=True)
     eye = np.eye(16, dtype=np.float32)
     q_bd, p_nd = eye[::2], eye  # passage n is one-hot n: distinct on every device
     for mesh_shape in ((8, 1, 1), (2, 4, 1)):
@@ -111,7 +110,7 @@ def test_stage3_bytes_per_device_shrink_by_the_fsdp_factor(tiny):
 
 def test_plan_compiled_memory_agrees_with_eval_shape(tiny):
     config, run, *_ = tiny
-    figures = plan_stage(config, hf_config_of(config), run.mesh, run.global_batch)
+    figures = plan_stage(config, resolve_model(config).hf, run.mesh, run.global_batch)
     assert figures["params"] == bytes_per_device(run.state.params, jax.tree.map(lambda x: x.sharding, run.state.params))
     for name in ("params", "opt_state"):
         assert abs(figures[f"{name}_compiled"] - figures[name]) <= 0.1 * figures[name], figures
@@ -138,7 +137,7 @@ def test_checkpoint_from_8_devices_resumes_on_4_with_the_same_loss(tiny, tmp_pat
 
     config.per_device_train_batch_size = 2  # the same global batch of 8 on 4 devices (fsdp 4)
     config.mesh.fsdp = -1
-    run4 = build_run(config, devices=jax.devices()[:4])
+    run4 = new_run(config, devices=jax.devices()[:4])
     assert run4.global_batch == run.global_batch and run4.mesh.shape["fsdp"] == 4
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1)
     state4, meta = checkpointer.restore(2, abstract(run4.state))

@@ -45,3 +45,11 @@ def train_command(config) -> list[str]:
 
 def run_train(config, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(train_command(config), cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def new_run(config, devices=None):
+    """`build_run` of a config checked as the trainer checks it."""
+    from dret.build import build_run
+    from dret.config_check import validate
+
+    return build_run(config, validate(config), devices)

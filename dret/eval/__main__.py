@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 from dret.errors import DretError, run_command
@@ -124,6 +125,9 @@ def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.padding_side:
+        logging.getLogger("dret").warning("--padding_side %s changes nothing: texts are packed without padding, so "
+                                          "either side gives the same vectors", args.padding_side)
     if not (args.data or args.t2ranking or args.msmarco_title or args.mteb):
         raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR or --mteb TASK")
     if args.evaluate_all:

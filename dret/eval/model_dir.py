@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
-from dret import hf_io
+import jax.numpy as jnp
+
+from dret import hf_io, inference
 from dret.errors import DretError
 from dret.eval import cache
+from dret.model import Embedder
+from dret.resources import model_dir
 
 
 def _tokenizer_options(embedder, pad_token, add_bos_token, add_eos_token):
@@ -35,34 +39,22 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
         hf_io.check_tokenizer_files(path)  # before any data is read: without them, every word is [UNK]
 
         def load():
-            from dret.model import Embedder
             return _tokenizer_options(Embedder.from_pretrained(path, pooling=pooling, dtype=dtype,
                                                                 allow_pickle=allow_pickle), *extra)
         return load, cache.key(weights=cache.folder_fingerprint(path), **options)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        import jax.numpy as jnp
-        import ml_collections
-
-        from dret.checkpoint import Checkpointer
-        from dret.export import load_checkpoint
-        from dret.resources import model_dir
-
-        checkpointer = Checkpointer(os.path.join(path, "checkpoints"), max_to_keep=None)
-        steps = checkpointer.all_steps()
-        step = step if step is not None else (max(steps) if steps else None)
-        run_config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"]) if step in steps else None
-        checkpointer.close()
+    if os.path.isdir(os.path.join(path, inference.CHECKPOINTS)):
+        steps = inference.saved_steps(path)
+        step = step if step is not None else (steps[-1] if steps else None)
 
         def load():
-            from dret.trainer import inference_embedder  # LoRA merged, float32 weights
-            embedder = inference_embedder(*load_checkpoint(path, step)[:4], dtype=jnp.dtype(dtype or "float32"))
+            embedder = inference.run_embedder(path, step, dtype=jnp.dtype(dtype or "float32"))  # LoRA merged
             embedder.pooling = pooling or embedder.pooling
             return _tokenizer_options(embedder, *extra)
-        if run_config is None:
+        if step not in steps:
             return load, None  # load() says which steps there are
         # LoRA and bitfit checkpoints hold only what trained: the base model's files are part of the weights.
-        base = model_dir(run_config)
-        weights = [cache.folder_fingerprint(os.path.join(path, "checkpoints", str(step)))]
+        base = model_dir(inference.run_config(path, step))
+        weights = [cache.folder_fingerprint(os.path.join(path, inference.CHECKPOINTS, str(step)))]
         weights += [cache.folder_fingerprint(base)] if base and os.path.isdir(base) else []
         return load, cache.key(weights=weights, step=step, **options)
     raise DretError(f"--model {path}: neither an HF model folder (config.json) nor a dret training output_dir "

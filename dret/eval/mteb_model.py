@@ -9,6 +9,7 @@ import numpy as np
 
 from dret.errors import DretError
 from dret.eval.datasets import Retrieval
+from dret.pooling import l2_normalize
 
 
 class MtebModel:
@@ -38,7 +39,7 @@ class MtebModel:
 
     def _unit(self, x_nd) -> np.ndarray:
         x_nd = np.asarray(x_nd, np.float32)
-        return x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-12) if self.cosine else x_nd
+        return np.asarray(l2_normalize(x_nd)) if self.cosine else x_nd
 
     def similarity(self, a_nd, b_md):
         """Cosine (dot product for unnormalised models) similarity [N, M], a torch tensor like sentence-transformers."""

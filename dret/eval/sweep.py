@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 
+from dret import inference
 from dret.errors import DretError
 
 PLOT_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
-    from dret.checkpoint import Checkpointer
-
-    directory = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise DretError(f"--checkpoint_dir {output_dir} holds no checkpoints/ folder")
-    steps = sorted(Checkpointer(directory, max_to_keep=None).all_steps())
+    """The run's saved steps; a DretError when there is none."""
+    steps = inference.saved_steps(output_dir)
     if not steps:
-        raise DretError(f"{directory} holds no saved step")
+        raise DretError(f"{os.path.join(output_dir, inference.CHECKPOINTS)} holds no saved step")
     return steps
 
 

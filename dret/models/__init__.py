@@ -1,1 +1,41 @@
-"""Backbones: model code names logical axes only and knows nothing of meshes or losses."""
+"""Backbones: model code names logical axes only and knows nothing of meshes or losses.
+
+The registry: an HF config dict -> its family module (one file per family, e.g. `bert`), which owns its model
+types, config, HF key table, LoRA module names and token conventions; `config_of` and `build` ask it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dret.errors import DretError
+from dret.models import bert
+
+FAMILIES = (bert,)
+
+
+def family_of(hf: dict, source: str = "config.json"):
+    """The family module of an HF config dict: by `model_type`, or, where that is missing, by a class name in
+    `architectures`; a DretError naming `source` for a model we do not support."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") if model_type is None else None
+    for family in FAMILIES:
+        if model_type in family.MODEL_TYPES or (
+                isinstance(architectures, list) and any(a in family.HF_CLASSES.values() for a in architectures)):
+            return family
+    supported = ", ".join(t for family in FAMILIES for t in family.MODEL_TYPES)
+    if model_type is None:
+        raise DretError(f"{source}: missing model_type: expected one of {supported} (supported model_type)")
+    raise DretError(f"{source}: model_type: expected one of {supported} (supported model_type), got {model_type!r:.80}")
+
+
+def config_of(hf: dict, source: str = "config.json"):
+    """The family's validated config of an HF config dict (`hidden_size`, `vocab_size`, `max_text_length`, ...)."""
+    return family_of(hf, source).config_of(hf, source)
+
+
+def build(hf: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+    """The backbone an HF config dict describes, with freshly initialised weights (under `nnx.eval_shape`: none)."""
+    family = family_of(hf)
+    return family.build(family.config_of(hf), dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)

@@ -2,16 +2,20 @@
 
 Parameters name logical axes only; `dret.sharding` maps them to a mesh. Compute dtype (`dtype`) and
 parameter dtype (`param_dtype`) are separate. Matmuls take compute-dtype inputs and give float32 results, and
-the residual stream, layer norms and softmax stay float32 (as under torch autocast, which keeps matmul outputs
-in bf16). In bf16 this halved MiniLM's embedding error from fp32 (SciFact NDCG@10 0.0011 from fp32, against
-0.0024 with bf16 results), and XLA:CPU's bf16 dots with float32 results encoded SciFact 1.6x faster than fp32 on
-the 2-core AVX512-BF16 machine (`bench/RESULTS_eval.md`).
+the residual stream, layer norms and softmax stay float32 (torch autocast keeps matmul outputs in bf16): closer
+to fp32 embeddings, and faster on CPUs with bf16 units (figures: `bench/RESULTS_eval.md`, "Measurements behind
+the code").
+
+The family's surface for `dret.models` (the registry) and `dret.hf_io`: MODEL_TYPES and HF_CLASSES, `config_of`,
+`build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS), LORA_MODULES /
+LORA_TARGETS, and on the config `hidden_size`, `vocab_size` and `max_text_length`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -20,18 +24,21 @@ from flax import nnx
 
 from dret.errors import DretError
 from dret.models.attention import dot_product_attention
-from dret.models.blocks import examples_per_step, map_examples
+from dret.models.layers import run_layers
 from dret.models.logical import constrain
 
-ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "ernie")
+# model_type -> the HF class an exported config.json names in `architectures` (and that a config.json without a
+# model_type may name there)
+HF_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel", "ernie": "ErnieModel"}
+MODEL_TYPES = tuple(HF_CLASSES)
+LORA_MODULES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")  # the names lora_target_modules may use
+LORA_TARGETS = ("query", "key", "value")  # adapters when lora_target_modules is () (the reference: q, k, v)
 ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers
-CPU_BLOCK_TOKENS = 1024  # tokens per block (per batch shard) when a layer runs block by block (CPU inference)
 
 
 def _gelu(x):
-    """Exact GELU in torch's form, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's erfc form took 1.84 ms against 0.76 on a
-    [1024, 1536] MiniLM block on CPU (about 4% of an encode forward), and differs more from torch for very
-    negative x."""
+    """Exact GELU in torch's form, x/2 (1 + erf(x/sqrt 2)): faster on CPU than jax.nn.gelu's erfc form, and closer
+    to torch for very negative x."""
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
@@ -56,7 +63,7 @@ def _config_value_problem(name: str, value) -> str | None:
     if name in _POSITIVE_INTS and not (is_int and value > 0):
         return "a positive integer"
     checks = {
-        "model_type": (value in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)} (supported model_type)"),
+        "model_type": (value in MODEL_TYPES, f"one of {', '.join(MODEL_TYPES)} (supported model_type)"),
         "hidden_act": (isinstance(value, str) and value in _ACTIVATIONS, f"one of {', '.join(_ACTIVATIONS)}"),
         "pad_token_id": (is_int and value >= 0, "an integer >= 0"),
         "layer_norm_eps": (is_number and value > 0, "a positive number"),
@@ -108,6 +115,66 @@ class BertConfig:
     def position_offset(self) -> int:
         """RoBERTa and XLM-R count positions from pad_token_id + 1."""
         return self.pad_token_id + 1 if self.model_type in ("roberta", "xlm-roberta") else 0
+
+    @property
+    def max_text_length(self) -> int:
+        """The most tokens (special tokens included) one text may have."""
+        return self.max_position_embeddings - self.position_offset
+
+
+def config_of(hf: dict[str, Any], source: str = "config.json") -> BertConfig:
+    """The validated config (see `BertConfig.from_hf`)."""
+    return BertConfig.from_hf(hf, source)
+
+
+def build(cfg: BertConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs) -> BertModel:
+    """The backbone of `cfg`."""
+    return BertModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+
+
+# --- HF checkpoint names, for import and export ------------------------------------------------------------------
+# Checkpoint parts that embeddings never use (task heads, the NSP pooler, buffers): skipped, and logged.
+UNUSED_KEYS = re.compile(r"^(pooler\.|cls\.|lm_head\.|classifier\.|qa_outputs\.|embeddings\.position_ids$)")
+# HF name (after the layer prefix) -> our module path
+_EMBEDDING_KEYS = {
+    "embeddings.word_embeddings": ("embeddings", "word"),
+    "embeddings.position_embeddings": ("embeddings", "position"),
+    "embeddings.token_type_embeddings": ("embeddings", "token_type"),
+    "embeddings.task_type_embeddings": ("embeddings", "task_type"),
+    "embeddings.LayerNorm": ("embeddings", "norm"),
+}
+_LAYER_KEYS = {
+    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+    "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "mlp_in", "output.dense": "mlp_out", "output.LayerNorm": "mlp_norm",
+}
+_EMBEDDING_NAMES = {ours: hf for hf, ours in _EMBEDDING_KEYS.items()}
+_LAYER_NAMES = {ours: hf for hf, ours in _LAYER_KEYS.items()}
+_PARAM_NAMES = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_name(path: tuple) -> str:
+    """Our flat state path, e.g. ('layers', 3, 'query', 'kernel') -> 'encoder.layer.3.attention.self.query.weight'."""
+    *module, param = path
+    if module[0] == "layers":
+        prefix = f"encoder.layer.{module[1]}.{_LAYER_NAMES[module[2]]}"
+    else:
+        prefix = _EMBEDDING_NAMES[tuple(module)]
+    return f"{prefix}.{_PARAM_NAMES[param]}"
+
+
+def transposed(path: tuple) -> bool:
+    """Whether the HF tensor is ours transposed: Linear weights are [out, in] in HF, [in, out] here."""
+    return path[-1] == "kernel"
+
+
+def checkpoint_prefix(names, cfg: BertConfig) -> str:
+    """The prefix task-model checkpoints nest the encoder under (`bert.`, `roberta.`, ...; "" for none), from the
+    checkpoint's tensor names."""
+    for prefix in ("", f"{cfg.model_type.replace('-', '_')}.", "bert.", "roberta.", "ernie.", "model."):
+        if f"{prefix}embeddings.word_embeddings.weight" in names:
+            return prefix
+    return ""
 
 
 def _dense(n_in, n_out, axes, dtype, param_dtype, rngs):
@@ -192,60 +259,29 @@ class BertModel(nnx.Module):
 
     def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
-        if cfg.model_type not in ARCHITECTURES:
-            raise ValueError(f"model_type {cfg.model_type!r} is not a BERT-family encoder ({', '.join(ARCHITECTURES)})")
+        if cfg.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {cfg.model_type!r} is not a BERT-family encoder ({', '.join(MODEL_TYPES)})")
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
         self.embeddings = Embeddings(cfg, dtype, param_dtype, rngs)
         self.layers = nnx.List([Layer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, ids_bt, mask_bt, *, positions_bt=None, dropout_rng: jax.Array | None = None):
-        """`mask_bt` is 0 for padding and otherwise the token's segment: tokens attend within their segment, so
-        a packed row holds several texts (1 for every real token: one text per row). `positions_bt` are the
+    def __call__(self, ids_bt, segments_bt, *, positions_bt=None, dropout_rng: jax.Array | None = None):
+        """`segments_bt` is 0 for padding and otherwise the token's segment: tokens attend within their segment, so
+        a packed row holds several texts (1 for every real token: one text per row; a 0/1 mask is that). `positions_bt` are the
         tokens' positions within their texts (None: as HF counts them in a padded row); `dropout_rng` None
         means deterministic (eval)."""
         cfg = self.config
         if positions_bt is not None:
             position_ids_bt = positions_bt + cfg.position_offset
         elif cfg.position_offset:
-            position_ids_bt = jnp.cumsum(mask_bt != 0, axis=1) * (mask_bt != 0) + cfg.pad_token_id
+            position_ids_bt = jnp.cumsum(segments_bt != 0, axis=1) * (segments_bt != 0) + cfg.pad_token_id
         else:
             position_ids_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
         x_btd = self.embeddings(ids_bt, position_ids_bt, jnp.zeros_like(ids_bt))
         x_btd = constrain(x_btd, ACTIVATION_AXES)
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
-        segments_bt = mask_bt.astype(jnp.int32)
-        for i, layer in enumerate(self.layers):
-            if dropout_rng is None:
-                x_btd = _inference_layer(layer, x_btd, segments_bt)
-            else:
-                rng = jax.random.fold_in(dropout_rng, i)
-                x_btd = (_rematerialised(layer, x_btd, segments_bt, rng) if self.remat
-                         else layer(x_btd, segments_bt, rng))
-            x_btd = constrain(x_btd, ACTIVATION_AXES)
-        return x_btd
-
-
-def _inference_layer(layer: Layer, x_btd, segments_bt):
-    """On CPU the layer runs over blocks of about CPU_BLOCK_TOKENS tokens, so a block's [4T, 4D]-sized
-    intermediates stay in cache (about 20% faster encoding than whole batches; 1024-token blocks ran MiniLM 3-10%
-    faster than 4-example blocks at 64 and 128 tokens, and 2-example blocks were slower at 256). A block with no
-    token (segments all 0: the empty rows that fill a packed batch) passes through unchanged. Training keeps
-    whole-batch layers: its dropout masks are drawn batch-wide."""
-    b, t = segments_bt.shape
-    examples = max(1, CPU_BLOCK_TOKENS // t)
-    if jax.default_backend() != "cpu" or examples_per_step(b, examples) == b:
-        return layer(x_btd, segments_bt, None)  # one block: the layer itself (qwix adds LoRA adapters on such a call)
-    graphdef, state = nnx.split(layer)
-
-    def block(x, m):
-        return jax.lax.cond(m.any(), lambda: nnx.merge(graphdef, state)(x, m, None), lambda: x)
-    return map_examples(block, (x_btd, segments_bt), examples)
-
-
-def _rematerialised(layer: Layer, x_btd, segments_bt, rng):
-    """The layer under jax.checkpoint as a pure function of its state (so LoRA adapters work inside it)."""
-    graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda s, x, m, r: nnx.merge(graphdef, s)(x, m, r))(state, x_btd, segments_bt, rng)
+        return run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), dropout_rng, remat=self.remat,
+                          axes=ACTIVATION_AXES)

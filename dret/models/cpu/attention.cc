@@ -6,7 +6,8 @@
 // One task per (example, head). For each run of queries with one segment, the keys it sees are packed
 // (K transposed), then blocks of query rows compute scores, softmax and the value product while the block's
 // scores stay in L1. XLA itself writes each [T, S] score matrix to memory between the two products and the softmax.
-// Matches `dret.models.attention._attend`: a query that sees no key averages all values (uniform weights).
+// Matches `dret.models.cpu.attention.blocked_attention`: a query that sees no key averages all values (uniform
+// weights).
 
 #include <algorithm>
 #include <atomic>

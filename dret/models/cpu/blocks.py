@@ -6,7 +6,22 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dret.models.logical import batch_shards
+from dret.models.logical import installed_rules
+
+
+def batch_shards() -> int:
+    """How many ways the installed rules split the 'batch' axis (1 without rules)."""
+    rules = installed_rules()
+    return 1 if rules is None else rules.batch_shards
+
+
+def per_batch_shard(fn, b: int):
+    """`fn` over [b, ...] arrays run on each batch shard by itself (for ops XLA cannot partition, such as
+    foreign calls); `fn` unchanged when the installed rules do not split a batch of b."""
+    rules = installed_rules()
+    if rules is None or rules.batch_shards == 1 or b % rules.batch_shards:
+        return fn
+    return rules.per_batch_shard(fn)
 
 
 def _shards_used(b: int) -> int:

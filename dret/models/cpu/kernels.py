@@ -19,7 +19,7 @@ import warnings
 
 import jax
 
-ATTENTION_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
+ATTENTION_SOURCE = os.path.join(os.path.dirname(__file__), "attention.cc")
 ATTENTION_TARGET = "dret_cpu_attention"
 _FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 
@@ -61,7 +61,7 @@ def _build(source: str, compiler: str) -> str:
     return out
 
 
-def _load(source: str):
+def load(source: str):
     """The compiled `source` as a ctypes library; None, warned, when it cannot be built."""
     name = os.environ.get("CXX", "g++")
     compiler = shutil.which(name)
@@ -71,16 +71,16 @@ def _load(source: str):
         return ctypes.cdll.LoadLibrary(_build(source, compiler))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-        warnings.warn(f"dret: could not build {source} ({detail}); CPU attention runs on XLA's ops, about 10% "
-                      "slower encoding", stacklevel=3)
+        warnings.warn(f"dret: could not build {source} ({detail}); CPU attention runs on XLA's ops (slower "
+                      "encoding)", stacklevel=3)
         return None
 
 
 @functools.cache
 def attention_target() -> str | None:
-    """FFI target name of the fused float32 attention (`cpu_attention.cc`), registered for the CPU platform;
+    """FFI target name of the fused float32 attention (`attention.cc`), registered for the CPU platform;
     None when native kernels are off or cannot be built."""
-    library = None if os.environ.get("DRET_NATIVE_KERNELS", "1") == "0" else _load(ATTENTION_SOURCE)
+    library = None if os.environ.get("DRET_NATIVE_KERNELS", "1") == "0" else load(ATTENTION_SOURCE)
     if library is None:
         return None
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.DretCpuAttention), platform="cpu")

@@ -37,7 +37,7 @@ def replicate(tree):
 
 def batch_rules() -> ActivationConstraint:
     """Activation rules for tracing the encode forward: batch-sharded, so the model's CPU loops keep each
-    example on its device (`dret.models.blocks`)."""
+    example on its device (`dret.models.cpu`)."""
     return ActivationConstraint(data_mesh())
 
 

@@ -1,0 +1,110 @@
+"""A trained model as an Embedder: from a live training state or a run folder's checkpoint (restored one way,
+onto the state layout the trainer saves), a run's saved steps, and publishing an export folder. The trainer,
+`dret.eval` and `dret.export` all use this module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dret import models, peft
+from dret.checkpoint import Checkpointer
+from dret.errors import DretError, one_line
+from dret.model import Embedder
+from dret.resources import build_backbone, resolve_model, tokenizer_of
+from dret.sharding import make_mesh
+from dret.train_step import make_optimizer, state_layout
+
+CHECKPOINTS = "checkpoints"  # under a run's output_dir
+
+
+def embedder_of(model: nnx.Module, hf_config: dict, tokenizer, config, dtype=jnp.float32) -> Embedder:
+    """A trained backbone as an Embedder with LoRA adapters merged and float32 weights, computing in `dtype` (for
+    export, evaluation during training and dret.eval)."""
+    plain = nnx.eval_shape(lambda: models.build(hf_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    params = (peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha)
+              if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
+    backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    return Embedder(backbone, tokenizer, hf_config, pooling=config.sentence_pooling_method,
+                    normalize=config.normalized, max_length=config.passage_max_len)
+
+
+def saved_steps(output_dir: str) -> list[int]:
+    """The complete checkpoints of a training run, oldest first; a DretError for a folder that is not a run."""
+    directory = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise DretError(f"{output_dir} holds no {CHECKPOINTS}/ folder: expected a dret training output_dir")
+    checkpointer = Checkpointer(directory, max_to_keep=None)
+    try:
+        return sorted(checkpointer.all_steps())
+    finally:
+        checkpointer.close()
+
+
+def run_config(output_dir: str, step: int) -> ml_collections.ConfigDict:
+    """The config a run saved with its checkpoint at `step`."""
+    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), max_to_keep=None)
+    try:
+        return ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+    finally:
+        checkpointer.close()
+
+
+def pick_step(output_dir: str, step: int | None) -> int:
+    """`step`, or the latest, checked to be saved."""
+    steps = saved_steps(output_dir)
+    if not steps or (step is not None and step not in steps):
+        raise DretError(f"{os.path.join(output_dir, CHECKPOINTS)}: no checkpoint at step "
+                        f"{step if step is not None else 'any'}; saved: {steps}")
+    return step if step is not None else steps[-1]
+
+
+def load_checkpoint(output_dir: str, step: int | None = None):
+    """(backbone with the checkpoint's weights, HF config, tokenizer, run config, step) of a training run.
+
+    The trained variables are restored onto the run's own state layout (on this process's first device), the
+    optimizer state is skipped, and the frozen weights come from the base model, as when a run resumes."""
+    step = pick_step(output_dir, step)
+    config = run_config(output_dir, step)
+    source = resolve_model(config)
+    hf_config = source.hf
+    backbone = build_backbone(source, config, dtype=jnp.float32, param_dtype=jnp.float32)
+    graphdef, params, frozen = peft.split_trainable(backbone, hf_config, config)
+    mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    with config.unlocked():
+        config.sharding = ""  # one device: no optimizer state offloaded to the host
+    init, shardings = state_layout(params, None, make_optimizer(config, 1)[0], mesh, config)
+    target = jax.eval_shape(jax.jit(init, out_shardings=shardings), params, None)  # carries the shardings
+    target = target.replace(opt_state=jax.tree.map(lambda _: ocp.PLACEHOLDER, target.opt_state))  # not read
+    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), max_to_keep=None)
+    try:
+        saved, _ = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer_of(source), config, step
+
+
+def run_embedder(output_dir: str, step: int | None = None, dtype=jnp.float32) -> Embedder:
+    """A training run's checkpoint (default the latest) as an Embedder, LoRA merged."""
+    model, hf_config, tokenizer, config, _ = load_checkpoint(output_dir, step)
+    return embedder_of(model, hf_config, tokenizer, config, dtype=dtype)
+
+
+def publish(embedder: Embedder, export_dir: str) -> None:
+    """`embedder` saved as `export_dir` (an HF / sentence-transformers folder), replacing an older export only once
+    the new one is complete; a failed write (disk full) leaves the older export as it was and no partial folder."""
+    staging = f"{os.path.normpath(export_dir)}.new"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed between the save and the rename below
+    try:
+        embedder.save(staging)  # complete or absent: the save itself writes to a temporary sibling first
+    except (OSError, DretError) as e:
+        raise DretError(f"export to {export_dir} failed, the previous export is unchanged: {one_line(e)}") from e
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.rename(staging, export_dir)

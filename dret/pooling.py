@@ -1,0 +1,46 @@
+"""Sentence vectors from hidden states: pooling weights, Matryoshka truncation, L2 normalisation (written once
+here; the model, the training step, the losses and the MTEB adapter all use it)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POOLING_METHODS = ("cls", "mean", "last", "last_8")
+
+
+def pool_weights(positions_bt: jax.Array, lengths_bt: jax.Array, method: str) -> jax.Array:
+    """Each token's weight [B, T] in its text's vector, from its position in the text and the text's length
+    (0 where no text is): cls the first token, mean all, last the last, last_8 the last 8 equally."""
+    real_bt = positions_bt < lengths_bt
+    n_bt = jnp.maximum(lengths_bt, 1).astype(jnp.float32)
+    if method == "cls":
+        w_bt = positions_bt == 0
+    elif method == "mean":
+        w_bt = 1.0 / n_bt
+    elif method in ("last", "last_8"):
+        n_last = 1 if method == "last" else 8
+        w_bt = (positions_bt >= lengths_bt - n_last) / jnp.minimum(n_bt, n_last)
+    else:
+        raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLING_METHODS)}")
+    return jnp.where(real_bt, w_bt, 0.0).astype(jnp.float32)
+
+
+def pool(h_btd: jax.Array, segments_bt: jax.Array, method: str) -> jax.Array:
+    """Hidden states [B, T, D] of right-padded rows (one text each; segment 0 = padding) -> vectors [B, D] in
+    float32."""
+    positions_bt = jnp.arange(h_btd.shape[1])[None, :]
+    w_bt = pool_weights(positions_bt, (segments_bt != 0).astype(jnp.int32).sum(1, keepdims=True), method)
+    return (h_btd.astype(jnp.float32) * w_bt[..., None]).sum(1)
+
+
+def l2_normalize(x_nd: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows divided by max(norm, eps) (torch's `F.normalize`)."""
+    return x_nd / jnp.maximum(jnp.linalg.norm(x_nd, axis=-1, keepdims=True), eps)
+
+
+def finish(v_bd: jax.Array, *, normalize: bool, dim: int | None) -> jax.Array:
+    """Matryoshka truncation to `dim`, then L2 normalisation."""
+    if dim is not None:
+        v_bd = v_bd[..., :dim]
+    return l2_normalize(v_bd) if normalize else v_bd
