@@ -121,3 +121,33 @@ def test_readme_python_example(tmp_path, minilm_dir, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["exported"] and (tmp_path / "exported" / "model.safetensors").exists()
     with pytest.raises(Exception, match="exists"):  # a second save does not overwrite the first
         namespace["model"].save("exported/")
+
+
+HIDE_TORCH = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec  # torch hidden, as on a machine without it (dret's runtime install has none)
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "torch" else find_spec(name, *a, **k)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_commands_print_no_third_party_notices(tmp_path):
+    """What a new user reads first is dret's own output: no transformers "PyTorch was not found" notice and no
+    jax "Unable to initialize backend" line (JAX_PLATFORMS unset, as on a user's machine), torch hidden."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = ROOT
+    commands = {
+        "dret.train": ["--config", os.path.join(ROOT, "ml_configs", "rocketqa.py"), "--config.tiny=True",
+                       "--config.train_data=", f"--config.output_dir={tmp_path / 'run'}",
+                       f"--config.data_cache_dir={tmp_path / 'cache'}", "--config.dry_run=True"],
+        "dret.eval": ["--model", str(tmp_path / "missing"), "--data", str(tmp_path)],
+    }
+    for module, args in commands.items():
+        result = subprocess.run([sys.executable, "-c", HIDE_TORCH, module, *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        for notice in ("PyTorch was not found", "Unable to initialize backend", "DeprecationWarning"):
+            assert notice not in result.stderr, f"{module}: {result.stderr[-3000:]}"
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"dret: --model {tmp_path / 'missing'} does not exist"]
