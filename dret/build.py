@@ -12,6 +12,7 @@ from dret import output_dir as run_folder
 from dret import peft
 from dret.config_check import validate
 from dret.data import TrainData
+from dret.flops import ModelFlops
 from dret.resources import ModelSource, build_backbone, resolve_train_data, tokenizer_of
 from dret.sharding import data_parallel_size, make_mesh, param_axes, parse_sharding, state_shardings
 from dret.train_step import StepConfig, TrainState, create_state, make_optimizer, make_step, precision
@@ -31,6 +32,7 @@ class Run:
     global_batch: int
     hf_config: dict
     tokenizer: object
+    model_flops: ModelFlops  # a step's model FLOPs from its real tokens (MFU in the log)
 
 
 def _tokenizer_and_data(config, source: ModelSource, mesh) -> tuple[object, int, TrainData]:
@@ -81,4 +83,5 @@ def build_run(config, source: ModelSource, devices=None) -> Run:
     state, shardings = create_state(params, frozen, tx, mesh, config)
     step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, hf_config["hidden_size"])
     return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
-               total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer)
+               total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer,
+               model_flops=ModelFlops.of(backbone, hf_config))

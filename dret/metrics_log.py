@@ -44,7 +44,7 @@ class MetricsLog:
             if key != "step":
                 self._writer.add_scalar(key, value, step)
         self._writer.flush()
-        shown = ("loss", "accuracy", "grad_norm", "learning_rate", "examples_per_s")
+        shown = ("loss", "accuracy", "grad_norm", "learning_rate", "examples_per_s", "mfu")
         self._bar.write(f"step {step}: " + "  ".join(f"{k} {row[k]:.4g}" for k in shown if k in row))
 
     def close(self) -> None:

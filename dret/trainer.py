@@ -25,6 +25,7 @@ from dret.build import build_run
 from dret.checkpoint import Checkpointer, abstract
 from dret.config_check import validate
 from dret.errors import DretError
+from dret.flops import mfu_metrics
 from dret.inference import CHECKPOINTS, embedder_of, publish
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
@@ -76,7 +77,7 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     try:
-        step, window_start, window_examples, window_tokens = start_step, time.perf_counter(), 0, 0
+        step, window_start, window_examples, window_tokens, window_flops = start_step, time.perf_counter(), 0, 0, 0.0
         for local_batch in data.batches(total_steps - start_step):
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
             state, metrics = run.step_fn(state, batch, run.step_config)
@@ -84,6 +85,7 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
             window_examples += global_batch
             window_tokens += int(local_batch["query_mask"].sum() + local_batch["passage_mask"].sum()) \
                 * jax.process_count()
+            window_flops += run.model_flops.of_batch(local_batch) * jax.process_count()
             logs.advance()
             if int(state.nonfinite_run) >= config.max_nonfinite_steps:  # each was skipped; the state is sound
                 raise DretError(f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
@@ -93,8 +95,9 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
                 seconds = time.perf_counter() - window_start
                 logs.write(step, {**metrics, "learning_rate": run.schedule(step - 1),
                                   "examples_per_s": window_examples / seconds,
-                                  "tokens_per_s": window_tokens / seconds})
-                window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+                                  "tokens_per_s": window_tokens / seconds,
+                                  **mfu_metrics(window_flops, seconds, run.mesh.devices.flat)})
+                window_start, window_examples, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
             if evaluators and (step % config.eval_steps == 0 or step == total_steps):
                 embedder = embedder_of(nnx.merge(run.step_config.graphdef, state.params, state.frozen),
                                        run.hf_config, run.tokenizer, config)

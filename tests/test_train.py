@@ -169,6 +169,7 @@ def test_eval_hook_logs_beir_metrics(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "eval_ndcg_at_10" in r]
     assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["model_tflops_per_s"] > 0 and "mfu" not in r for r in rows if "loss" in r)  # no CPU peak known
     # the last evaluation saw the exported model: a direct evaluation of the export gives the same figures
     direct = evaluate_beir(Embedder.from_pretrained(export_dir), str(beir), "test", top_k=100,
                            query_max_length=config.query_max_len, passage_max_length=config.passage_max_len)
