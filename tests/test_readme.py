@@ -26,6 +26,8 @@ RUN = {
     "python -m dret.train --config ml_configs/rocketqa.py --config.model_name_or_path=path/to/hf_model "
     "--config.train_data=data/train.jsonl --config.dry_run=True":
         ("work", {}, [*SMALL_TRAIN, *SMALL_MODEL], 0),
+    "python -m dret.train --do_train --model_name_or_path path/to/hf_model --train_data data/train.jsonl --recompute":
+        ("work", {}, ["--dry_run", *SMALL_TRAIN], 0),
     "python -m dret.export --checkpoint runs/rocketqa [--step N] --out hf_model/":
         ("work", {"[--step N]": "--step 1"}, [], 0),
     "python -m dret.plan --config ml_configs/xlmr_large.py --model_config ml_configs/xlm-roberta-large.json "
