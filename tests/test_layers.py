@@ -19,32 +19,34 @@ AXES = ("batch", "length", "embed")
 
 
 class ToyLayer(nnx.Module):
-    """A layer as another model family would write one: `layer(x_btd, segments_bt, dropout_rng)`."""
+    """A layer as another model family would write one: `layer(x_btd, segments_bt, positions_bt, dropout_rng)`
+    (positions enter as a rotary family's would: per token, so the CPU blocks must carry them)."""
 
     def __init__(self, is_causal: bool, rngs: nnx.Rngs):
         self.is_causal = is_causal
         self.qkv = nnx.Linear(D, 3 * D, rngs=rngs)
         self.out = nnx.Linear(D, D, rngs=rngs)
 
-    def __call__(self, x_btd, segments_bt, dropout_rng):
+    def __call__(self, x_btd, segments_bt, positions_bt, dropout_rng):
         b, t, _ = x_btd.shape
         q_btnh, k_btnh, v_btnh = jnp.split(self.qkv(x_btd).reshape(b, t, 3 * HEADS, D // HEADS), 3, axis=2)
         h_btd = self.out(dot_product_attention(q_btnh, k_btnh, v_btnh, segments_bt, segments_bt,
                                                is_causal=self.is_causal).reshape(b, t, D))
         if dropout_rng is not None:
             h_btd = jnp.where(jax.random.bernoulli(dropout_rng, 0.9, h_btd.shape), h_btd / 0.9, 0)
-        return x_btd + jnp.tanh(h_btd)
+        return x_btd + jnp.tanh(h_btd) * jnp.cos(positions_bt)[..., None]
 
 
 def _inputs():
-    """x [B, T, D] and segments [B, T]: packed rows with padding in rows 0-3, then empty rows (segment 0 throughout)
-    that fill the batch, one CPU block of them."""
+    """x [B, T, D], segments and positions [B, T]: packed rows with padding in rows 0-3, then empty rows (segment 0
+    throughout) that fill the batch, one CPU block of them."""
     rng = np.random.default_rng(0)
     lengths = [(100, 156), (256,), (30, 40, 50, 7), (120, 100)] + [()] * 4
-    segments = np.zeros((B, T), np.int32)
+    segments, positions = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     for r, row in enumerate(lengths):
         segments[r, :sum(row)] = np.repeat(np.arange(1, len(row) + 1), row)
-    return jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32), jnp.asarray(segments)
+        positions[r, :sum(row)] = np.concatenate([np.arange(n) for n in row]) if row else []
+    return jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32), jnp.asarray(segments), jnp.asarray(positions)
 
 
 def _layers(is_causal):
@@ -54,10 +56,10 @@ def _layers(is_causal):
 
 @pytest.mark.parametrize("is_causal", [False, True])  # the fused kernel, the blocked loop
 def test_inference_on_cpu_equals_the_accelerator_path(monkeypatch, is_causal):
-    layers, (x_btd, segments_bt) = _layers(is_causal), _inputs()
+    layers, (x_btd, segments_bt, positions_bt) = _layers(is_causal), _inputs()
 
     def forward(x, s):
-        return run_layers(layers, x, s, None, remat=False, axes=AXES)
+        return run_layers(layers, x, s, positions_bt, None, remat=False, axes=AXES)
 
     def traced() -> str:  # a new function each time: make_jaxpr caches traces by function
         return str(jax.make_jaxpr(lambda x, s: forward(x, s))(x_btd, segments_bt))
@@ -72,18 +74,19 @@ def test_inference_on_cpu_equals_the_accelerator_path(monkeypatch, is_causal):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_training_forward_and_gradients_on_cpu_equal_the_accelerator_path(monkeypatch, is_causal):
     """Dropout per layer from fold_in(rng, i); with remat the values and gradients are those without."""
-    layers, (x_btd, segments_bt) = _layers(is_causal), _inputs()
+    layers, (x_btd, segments_bt, positions_bt) = _layers(is_causal), _inputs()
     weights_btd = jnp.cos(jnp.arange(x_btd.size).reshape(x_btd.shape))
 
     def loss_and_grads(remat):
         def loss(layers):
-            h_btd = run_layers(layers, x_btd, segments_bt, jax.random.key(1), remat=remat, axes=AXES)
+            h_btd = run_layers(layers, x_btd, segments_bt, positions_bt, jax.random.key(1), remat=remat, axes=AXES)
             return (h_btd * weights_btd).sum(), h_btd
         (_, h_btd), grads = nnx.value_and_grad(loss, has_aux=True)(layers)
         return h_btd, jax.tree.leaves(nnx.to_pure_dict(grads))
 
     def checkpoints(remat) -> int:  # rematerialised calls in the traced forward
-        forward = lambda x: run_layers(layers, x, segments_bt, jax.random.key(1), remat=remat, axes=AXES)  # noqa: E731
+        forward = lambda x: run_layers(layers, x, segments_bt, positions_bt, jax.random.key(1),  # noqa: E731
+                                       remat=remat, axes=AXES)
         return len(re.findall(r"= (?:remat\w*|checkpoint)\[", str(jax.make_jaxpr(forward)(x_btd))))
 
     want_h, want_grads = loss_and_grads(remat=False)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dret.errors import DretError
-from dret.models import bert
+from dret.models import bert, llama
 
-FAMILIES = (bert,)
+FAMILIES = (bert, llama)
 
 
 def family_of(hf: dict, source: str = "config.json"):

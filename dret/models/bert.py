@@ -242,7 +242,8 @@ class Layer(nnx.Module):
         self.mlp_out = _dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs)
         self.mlp_norm = _norm(d, eps, param_dtype, rngs)
 
-    def __call__(self, x_btd, segments_bt, dropout_rng):
+    def __call__(self, x_btd, segments_bt, positions_bt, dropout_rng):
+        """Positions are already in the embeddings (BERT adds them once, before the first layer)."""
         b, t, d = x_btd.shape
         split = lambda y: y.astype(self.dtype).reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
         attn_btnh = dot_product_attention(
@@ -269,9 +270,9 @@ class BertModel(nnx.Module):
 
     def __call__(self, ids_bt, segments_bt, *, positions_bt=None, dropout_rng: jax.Array | None = None):
         """`segments_bt` is 0 for padding and otherwise the token's segment: tokens attend within their segment, so
-        a packed row holds several texts (1 for every real token: one text per row; a 0/1 mask is that). `positions_bt` are the
-        tokens' positions within their texts (None: as HF counts them in a padded row); `dropout_rng` None
-        means deterministic (eval)."""
+        a packed row holds several texts (a 0/1 mask is one text per row). `positions_bt` are the tokens' positions
+        within their texts (None: as HF counts them in a padded row); `dropout_rng` None means deterministic
+        (eval)."""
         cfg = self.config
         if positions_bt is not None:
             position_ids_bt = positions_bt + cfg.position_offset
@@ -283,5 +284,5 @@ class BertModel(nnx.Module):
         x_btd = constrain(x_btd, ACTIVATION_AXES)
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
-        return run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), dropout_rng, remat=self.remat,
-                          axes=ACTIVATION_AXES)
+        return run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), position_ids_bt, dropout_rng,
+                          remat=self.remat, axes=ACTIVATION_AXES)
