@@ -177,11 +177,12 @@ def load_rows(path: str, cache_dir: str, skip_bad_rows: bool) -> tuple[datasets.
     stat = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}".encode())
     out_dir = os.path.join(cache_dir, f"{os.path.basename(path)}-{key.hexdigest()[:16]}")
-    if not os.path.isdir(out_dir):
+    cached = _read_cache(out_dir) if os.path.isdir(out_dir) else None
+    if cached is None:
         log.info("validating %s and caching it as Arrow in %s", path, out_dir)
         _build_cache(path, out_dir, skip_bad_rows)
-    with open(os.path.join(out_dir, "meta.json")) as f:
-        meta = json.load(f)
+        cached = _read_cache(out_dir)
+    rows, meta = cached
     if meta["bad_rows"]:
         if not skip_bad_rows:
             raise DretError(meta["first_bad"] + SKIP_HINT)
@@ -189,7 +190,23 @@ def load_rows(path: str, cache_dir: str, skip_bad_rows: bool) -> tuple[datasets.
     if not meta["rows"]:
         skipped = f" ({meta['bad_rows']} bad rows skipped)" if meta["bad_rows"] else ""
         raise DretError(f"{path}: no training rows{skipped}")
-    return datasets.Dataset.from_file(os.path.join(out_dir, "rows.arrow")), meta
+    return rows, meta
+
+
+def _read_cache(out_dir: str) -> tuple[datasets.Dataset, dict] | None:
+    """A cache entry's rows and meta; None, with a warning and the entry removed, when it cannot be read whole (a
+    damaged file is a miss, rebuilt from the jsonl, never a traceback)."""
+    try:
+        with open(os.path.join(out_dir, "meta.json")) as f:
+            meta = json.load(f)
+        rows = datasets.Dataset.from_file(os.path.join(out_dir, "rows.arrow"))
+        if len(rows) != meta["rows"] or not isinstance(meta["bad_rows"], int):
+            raise ValueError(f"{len(rows)} rows where meta.json says {meta['rows']}")
+        return rows, meta
+    except (OSError, ValueError, KeyError, TypeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        log.warning("%s: damaged cache entry (%s): rebuilding it", out_dir, str(e).splitlines()[0] if str(e) else e)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return None
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:

@@ -175,6 +175,25 @@ def test_arrow_cache_reused_without_reparsing(tokenizer, tmp_path, monkeypatch):
         _make(tokenizer, path, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["meta.json", "rows.arrow", "meta rows"])
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(tokenizer, tmp_path, caplog, damage):
+    """A truncated meta.json, a garbled rows.arrow, or a meta.json that disagrees with the rows: a cache miss."""
+    path = _write(tmp_path / "t.jsonl", [_row(i) for i in range(8)])
+    want = _take(_make(tokenizer, path, tmp_path), 2)
+    (entry,) = (tmp_path / "cache").iterdir()
+    if damage == "meta.json":
+        (entry / "meta.json").write_text('{"rows": 8, "bad')
+    elif damage == "rows.arrow":
+        (entry / "rows.arrow").write_bytes(b"not arrow at all" * 4)
+    else:
+        meta = json.loads((entry / "meta.json").read_text())
+        (entry / "meta.json").write_text(json.dumps({**meta, "rows": 5}))
+    with caplog.at_level(logging.WARNING, logger="dret"):
+        _assert_same(_take(_make(tokenizer, path, tmp_path), 2), want)
+    assert "damaged cache entry" in caplog.text and str(entry) in caplog.text
+    assert json.loads((entry / "meta.json").read_text())["rows"] == 8  # rebuilt in place
+
+
 def test_max_example_num_per_dataset(tokenizer, tmp_path):
     (tmp_path / "d").mkdir()
     _write(tmp_path / "d" / "a.jsonl", [_row(i) for i in range(6)])
