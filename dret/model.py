@@ -55,7 +55,8 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, path: str, *, pooling: str | None = None, normalize: bool = True, dtype=None,
                         allow_pickle: bool = False) -> "Embedder":
-        """Load an HF / sentence-transformers folder; pooling defaults to its sentence-transformers config."""
+        """Load an HF / sentence-transformers folder or a GGUF file; pooling defaults to the folder's
+        sentence-transformers config."""
         backbone, hf = hf_io.load_model(path, dtype=jnp.dtype(dtype or jnp.float32), allow_pickle=allow_pickle)
         st_pooling, st_max_len = hf_io.read_sentence_transformers(path)
         pooling = pooling or st_pooling

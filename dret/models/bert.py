@@ -31,6 +31,7 @@ from dret.models.logical import constrain
 # model_type may name there)
 HF_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel", "ernie": "ErnieModel"}
 MODEL_TYPES = tuple(HF_CLASSES)
+GGUF_ARCHITECTURES = {}  # none: BERT-family GGUF files are not read
 LORA_MODULES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")  # the names lora_target_modules may use
 LORA_TARGETS = ("query", "key", "value")  # adapters when lora_target_modules is () (the reference: q, k, v)
 ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers

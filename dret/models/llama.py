@@ -264,6 +264,39 @@ def checkpoint_prefix(names, cfg: LlamaConfig) -> str:
     return "model." if "model.embed_tokens.weight" in names else ""
 
 
+# --- GGUF (llama.cpp) tensor names and layout, for `dret.gguf_io` ---------------------------------------------------
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> model_type (Mistral is "llama")
+_GGUF_MODULES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+                 "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+_GGUF_TOP_LEVEL = ("token_embd", "output_norm", "output")
+_GGUF_NAME = re.compile(r"^(blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
+
+
+def from_gguf_name(name: str, source: str) -> str:
+    """A GGUF tensor name -> its HF checkpoint name ('blk.3.attn_q.weight' -> 'layers.3.self_attn.q_proj.weight';
+    'output.weight' -> 'lm_head.weight', unused); a name outside the table is kept (the key check reports it)."""
+    if name == "rope_freqs.weight":
+        raise DretError(f"{source}: tensor rope_freqs.weight (llama.cpp's per-frequency RoPE factors, as in "
+                        "Llama 3.1 files) is not supported: expected RoPE described by rope.* metadata")
+    match = _GGUF_NAME.match(name)
+    if not match or match[3] not in _GGUF_MODULES or (match[1] is None) != (match[3] in _GGUF_TOP_LEVEL):
+        return name
+    layer = f"layers.{match[2]}." if match[1] else ""
+    return f"{layer}{_GGUF_MODULES[match[3]]}.{match[4]}"
+
+
+def from_gguf_tensor(name: str, x: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """Undo llama.cpp's converter, which for `llama` files interleaves each head's rotate-half pairs in the q_proj
+    and k_proj rows (weights and biases) for its RoPE kernel: back to HF's order."""
+    if cfg.model_type != "llama" or not re.search(r"self_attn\.[qk]_proj\.", name):
+        return x
+    heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+    return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
 # --- the model -----------------------------------------------------------------------------------------------------
 def _dense(n_in, n_out, axes, use_bias, dtype, param_dtype, rngs):
     return nnx.Linear(
@@ -351,6 +384,7 @@ class LlamaModel(nnx.Module):
                  rngs: nnx.Rngs):
         self.config = cfg
         self.remat = remat
+        self.dtype = dtype
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")))
