@@ -39,6 +39,13 @@ RUN = {
         ("work", {"500": "2", "DIR": "beir"}, [], 0),
     "python -m dret.eval --model DIR --mteb SciFact":  # offline: one line saying to evaluate a local copy
         ("work", {"DIR": "hf_model"}, [], 2),
+    "python -m dret.eval --model_type bert --query_model QUERY_DIR --passage_model PASSAGE_DIR --query_max_length 64 "
+    "--passage_max_length 512 --t2ranking T2RANKING_DIR":
+        ("work", {"QUERY_DIR": "path/to/hf_model", "PASSAGE_DIR": "runs/rocketqa/export",
+                  "--t2ranking T2RANKING_DIR": "--data beir"}, [], 0),
+    "python -m dret.eval --base_model_name_or_path DIR --output_folder eval_results/DIR --task_name DuRetrieval "
+    "--eval_batch_size 8 --max_seq_length 2048 --task_split dev":  # offline: one line saying to use a local copy
+        ("work", {"DIR": "hf_model"}, [], 2),
 }
 
 

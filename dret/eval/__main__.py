@@ -1,5 +1,7 @@
 """`python -m dret.eval --model DIR --data BEIR_DIR [--split test]` (or --t2ranking / --msmarco_title / --mteb):
-encode, search, score; writes output_folder/<dataset>.json and prints a markdown table."""
+encode, search, score; writes output_folder/<dataset>.json and prints a markdown table. The reference's two command
+lines run as written: `--query_model A --passage_model B` (a dual encoder) and `--base_model_name_or_path DIR
+--task_name TASK --task_split SPLIT`."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ TABLE_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "map_at_10", "precis
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dret.eval", description=__doc__)
     p.add_argument("--model", help="HF / sentence-transformers folder, or a dret training output_dir")
+    p.add_argument("--base_model_name_or_path", help="the reference's name for --model")
+    p.add_argument("--query_model", help="a dual encoder's query model (with --passage_model, instead of --model)")
+    p.add_argument("--passage_model", help="a dual encoder's corpus model (with --query_model)")
+    p.add_argument("--model_type", help="accepted for the reference's command lines: dret reads the model type from "
+                                        "config.json (a contradicting one is an error)")
     p.add_argument("--step", type=int, help="checkpoint step of a training output_dir (default: the latest)")
     p.add_argument("--evaluate_all", action="store_true", help="evaluate every checkpoint of --checkpoint_dir")
     p.add_argument("--checkpoint_dir", help="a dret training output_dir, with --evaluate_all")
@@ -27,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--t2ranking", help="folder with T2Ranking's collection / queries / qrels tsv files")
     data.add_argument("--msmarco_title", help="folder with MS MARCO corpus.tsv (pid, title, text), queries, qrels")
     data.add_argument("--mteb", help="mteb task names, comma-separated (run by mteb itself)")
-    data.add_argument("--split", help="qrels split (default: test for BEIR, dev for T2Ranking / MS MARCO)")
+    data.add_argument("--task_name", help="the reference's mteb task: run like --mteb TASK, or, with one --data "
+                                          "folder, evaluate that local copy under this name")
+    data.add_argument("--split", "--task_split", dest="split",
+                      help="qrels split (default: test for BEIR, dev for T2Ranking / MS MARCO; mteb: the task's own)")
     m = p.add_argument_group("model options (the reference's names)")
     m.add_argument("--pooling_method", choices=("cls", "mean", "last", "last_8"),
                    help="default: the model folder's sentence-transformers config")
@@ -82,6 +92,8 @@ def _unique_names(results: list[dict]) -> None:
 
 def _local_sets(args) -> list:
     sets = [datasets.load_beir(d, args.split or "test") for d in args.data]
+    if args.task_name and sets:
+        sets[0].name = args.task_name  # main checked: one --data folder
     if args.t2ranking:
         sets.append(datasets.load_t2ranking(args.t2ranking, args.split or "dev"))
     if args.msmarco_title:
@@ -98,28 +110,68 @@ def _options(args) -> EvalOptions:
                        cache_dir=None if args.no_cache else args.cache_dir)
 
 
-def evaluate_model(args, model: str, step: int | None = None) -> list[dict]:
-    """Every requested data set with one model (loaded at most once, and only if some embedding is not cached)."""
-    load, model_key = model_dir.resolve(model, pooling=args.pooling_method, dtype=args.dtype, step=step,
-                                        pad_token=args.pad_token, add_bos_token=args.add_bos_token,
-                                        add_eos_token=args.add_eos_token, allow_pickle=args.allow_pickle)
-    opts = _options(args)
-    embedder = []  # loaded once, shared by every data set
+def _models(args) -> list[tuple[str, str]]:
+    """[(flag, path)] of the model: one for both sides, or a dual encoder's query and passage models."""
+    if args.model and args.base_model_name_or_path:
+        raise DretError("--model and --base_model_name_or_path name the same thing: pass one")
+    model = args.model or args.base_model_name_or_path
+    flag = "--model" if args.model else "--base_model_name_or_path"
+    if args.query_model or args.passage_model:
+        if model:
+            raise DretError(f"{flag} and --query_model / --passage_model: pass one model, or a query and a passage "
+                            "model")
+        if not (args.query_model and args.passage_model):
+            given, missing = (("--query_model", "--passage_model") if args.query_model
+                              else ("--passage_model", "--query_model"))
+            raise DretError(f"{given} needs {missing} (a dual encoder has both; one model for both: --model DIR)")
+        return [("--query_model", args.query_model), ("--passage_model", args.passage_model)]
+    if not model:
+        raise DretError("--model is required (or --base_model_name_or_path, --query_model with --passage_model, or "
+                        "--evaluate_all --checkpoint_dir DIR)")
+    return [(flag, model)]
+
+
+def _lazy_model(args, flag: str, path: str, step: int | None):
+    """(get_embedder: the model loaded on first use, at most once; its cache key)."""
+    load, key = model_dir.resolve(path, pooling=args.pooling_method, dtype=args.dtype, step=step,
+                                  pad_token=args.pad_token, add_bos_token=args.add_bos_token,
+                                  add_eos_token=args.add_eos_token, allow_pickle=args.allow_pickle,
+                                  model_type=args.model_type, flag=flag)
+    embedder = []
 
     def get_embedder():
         if not embedder:
             embedder.append(load())
         return embedder[0]
 
+    return get_embedder, key
+
+
+def evaluate_model(args, models: list[tuple[str, str]], step: int | None = None) -> list[dict]:
+    """Every requested data set with one model, or a dual encoder (`models`: [(flag, path)], query model first):
+    queries encoded by the first, the corpus by the last; each loaded at most once, and only if some embedding it
+    gives is not cached."""
+    (query_flag, query_path), (passage_flag, passage_path) = models[0], models[-1]
+    query = _lazy_model(args, query_flag, query_path, step)
+    same = os.path.realpath(query_path) == os.path.realpath(passage_path)
+    passage = query if same else _lazy_model(args, passage_flag, passage_path, step)
+    (get_query, query_key), (get_passage, passage_key) = query, passage
+    opts = _options(args)
     results = []
     for data in _local_sets(args):
-        result = evaluate_retrieval(get_embedder, data, opts, model_key)
-        result.update(model=os.path.abspath(model), step=step, split=args.split, dtype=args.dtype,
+        result = evaluate_retrieval(get_query, data, opts, query_key, get_passage_embedder=get_passage,
+                                    passage_key=passage_key)
+        result.update(model=os.path.abspath(query_path), passage_model=os.path.abspath(passage_path), step=step,
+                      split=args.split, dtype=args.dtype,
                       options={k: v for k, v in vars(args).items() if k not in ("data", "model")})
         results.append(result)
-    if args.mteb:
+    tasks = [("--mteb", args.mteb)] if args.mteb else []
+    tasks += [("--task_name", args.task_name)] if args.task_name and not args.data else []
+    if tasks:
         from dret.eval.mteb_model import run_mteb_tasks
-        results += run_mteb_tasks(get_embedder, args.mteb.split(","), opts)
+    for flag, names in tasks:
+        results += run_mteb_tasks(get_query, names.split(","), opts, split=args.split, flag=flag,
+                                  get_passage_embedder=get_passage)
     return results
 
 
@@ -128,22 +180,27 @@ def main(argv=None) -> list[dict]:
     if args.padding_side:
         logging.getLogger("dret").warning("--padding_side %s changes nothing: texts are packed without padding, so "
                                           "either side gives the same vectors", args.padding_side)
-    if not (args.data or args.t2ranking or args.msmarco_title or args.mteb):
-        raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR or --mteb TASK")
+    if args.model_type:
+        logging.getLogger("dret").warning("--model_type %s changes nothing: dret reads the model type from "
+                                          "config.json", args.model_type)
+    if not (args.data or args.t2ranking or args.msmarco_title or args.mteb or args.task_name):
+        raise DretError("no data: pass --data BEIR_DIR, --t2ranking DIR, --msmarco_title DIR, --mteb TASK or "
+                        "--task_name TASK")
+    if args.task_name and len(args.data) > 1:
+        raise DretError(f"--task_name {args.task_name} names one --data folder (its local copy), got "
+                        f"{len(args.data)}")
     if args.evaluate_all:
         if not args.checkpoint_dir:
             raise DretError("--evaluate_all needs --checkpoint_dir (a dret training output_dir)")
         rows = [r for step in sweep.checkpoint_steps(args.checkpoint_dir)
-                for r in evaluate_model(args, args.checkpoint_dir, step)]
+                for r in evaluate_model(args, [("--checkpoint_dir", args.checkpoint_dir)], step)]
         os.makedirs(args.output_folder, exist_ok=True)
         with open(os.path.join(args.output_folder, "checkpoints.md"), "w") as f:
             f.write(sweep.table(rows) + "\n")
         sweep.plot(rows, os.path.join(args.output_folder, "checkpoints.png"))
         print(sweep.table(rows))
         return rows
-    if not args.model:
-        raise DretError("--model is required (or --evaluate_all --checkpoint_dir DIR)")
-    results = evaluate_model(args, args.model, args.step)
+    results = evaluate_model(args, _models(args), args.step)
     _unique_names(results)
     os.makedirs(args.output_folder, exist_ok=True)
     for r in results:

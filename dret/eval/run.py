@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from dret.errors import DretError
 from dret.eval import cache, metrics, search
 from dret.eval.datasets import Retrieval, load_beir
 
@@ -69,12 +70,17 @@ def _texts_key(texts: list[str]) -> str:
     return cache.key(texts=hashlib.sha256("\n".join(texts).encode()).hexdigest())
 
 
-def evaluate_retrieval(get_embedder: Callable, data: Retrieval, opts: EvalOptions,
-                       model_key: str | None = None) -> dict:
-    """Metrics (fractions) and run metadata for one data set; cache used only when model_key is given."""
+def evaluate_retrieval(get_embedder: Callable, data: Retrieval, opts: EvalOptions, model_key: str | None = None,
+                       *, get_passage_embedder: Callable | None = None, passage_key: str | None = None) -> dict:
+    """Metrics (fractions) and run metadata for one data set; cache used only for a side with a key.
+
+    A dual encoder: queries are encoded by `get_embedder()` (cache key `model_key`), the corpus by
+    `get_passage_embedder()` (cache key `passage_key`); without one, by the query model (the symmetric case)."""
     start = time.perf_counter()
-    encoder = _Encoder(get_embedder, model_key, opts)
-    q_qd = encoder(data.query_texts, role="query", data_key=_texts_key(data.query_texts),
+    queries = _Encoder(get_embedder, model_key, opts)
+    corpus = queries if get_passage_embedder is None else _Encoder(get_passage_embedder, passage_key, opts)
+    sides = (queries,) if corpus is queries else (queries, corpus)
+    q_qd = queries(data.query_texts, role="query", data_key=_texts_key(data.query_texts),
                    instruction=opts.query_instruction, max_length=opts.query_max_length)
     corpus_key = cache.key(files=[cache.file_fingerprint(data.files[0])] if data.files else None,
                            texts=None if data.files else _texts_key(data.corpus_texts))
@@ -84,8 +90,11 @@ def evaluate_retrieval(get_embedder: Callable, data: Retrieval, opts: EvalOption
     search_seconds = 0.0
     for lo in range(0, n, opts.shard_size):
         hi = min(n, lo + opts.shard_size)
-        p_nd = encoder(data.corpus_texts[lo:hi], role="passage", data_key=f"{corpus_key}:{lo}:{hi}",
-                       instruction=opts.document_instruction, max_length=opts.passage_max_length)
+        p_nd = corpus(data.corpus_texts[lo:hi], role="passage", data_key=f"{corpus_key}:{lo}:{hi}",
+                      instruction=opts.document_instruction, max_length=opts.passage_max_length)
+        if p_nd.shape[1] != q_qd.shape[1]:
+            raise DretError(f"the query model gives {q_qd.shape[1]}-dim vectors and the passage model "
+                            f"{p_nd.shape[1]}: a dual encoder needs one size")
         t = time.perf_counter()
         scores_qk, rows_qk = search.search(q_qd, p_nd, opts.top_k, opts.index, nlist=opts.nlist, nprobe=opts.nprobe,
                                            hnsw_m=opts.hnsw_m, ef_search=opts.ef_search)
@@ -107,9 +116,9 @@ def evaluate_retrieval(get_embedder: Callable, data: Retrieval, opts: EvalOption
         result["exact_ndcg_at_10"] = exact_metrics["ndcg_at_10"]
     result.update(dataset=data.name, data=data.folder, num_queries=len(data.query_ids), num_passages=n,
                   skipped_qrels=data.skipped_qrels, top_k=opts.top_k, index=opts.index,
-                  encode_seconds=round(encoder.seconds, 3), search_seconds=round(search_seconds, 3),
+                  encode_seconds=round(sum(e.seconds for e in sides), 3), search_seconds=round(search_seconds, 3),
                   metrics_seconds=round(time.perf_counter() - t, 3),
-                  total_seconds=round(time.perf_counter() - start, 3), cache_hits=encoder.cache_hits)
+                  total_seconds=round(time.perf_counter() - start, 3), cache_hits=sum(e.cache_hits for e in sides))
     return result
 
 
