@@ -71,12 +71,18 @@ def split_pairs(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def write_train_jsonl(path: str) -> str:
-    """The training split as {"query", "pos", "neg": []} rows (negatives come from other rows' positives)."""
+    """The training split as {"query", "pos", "neg": []} rows (negatives come from other rows' positives). A file
+    already holding them is left as it is (its data cache stays valid); the processes of a multi-host run may
+    write it at once: each writes its own temporary file and renames it into place."""
     train, _ = split_pairs(build_pairs())
+    text = "".join(json.dumps({"query": p["query"], "pos": [p["passage"]], "neg": []}) + "\n" for p in train)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        for p in train:
-            f.write(json.dumps({"query": p["query"], "pos": [p["passage"]], "neg": []}) + "\n")
+        f.write(text)
     os.replace(tmp, path)
     return path

@@ -1,10 +1,16 @@
 """Every test runs on 8 fake CPU devices; shared fixtures for real weights and data."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent compilation cache per test session, shared by the xdist workers and the subprocesses tests start:
+# a run, its killed subprocess and its resume compile the same step once (an entry cut short by a killed process is
+# compiled again, with a warning).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dret-tests-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402

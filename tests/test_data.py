@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -13,6 +15,7 @@ import transformers
 from dret import data as data_lib
 from dret.data import TrainData
 from dret.errors import DretError
+from tests.train_util import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +303,19 @@ def test_scifact_train(tokenizer, tmp_path, shared_data):
         row = rows[q]
         assert passages[i * 4] in {cut(p, 64) for p in row["pos"]}
         assert set(passages[i * 4 + 1:(i + 1) * 4]) <= {cut(n, 64) for n in row["neg"]}
+
+
+def test_builtin_data_file_is_written_once_and_by_each_process_safely(tmp_path):
+    """The built-in training file under output_dir: an identical file is not rewritten (its cache key, the mtime,
+    stays), and the processes of a multi-host run, writing it at once, each rename their own temporary file."""
+    from dret.demo_data import write_train_jsonl
+
+    path = str(tmp_path / "data" / "train.jsonl")
+    first = os.stat(write_train_jsonl(path)).st_mtime_ns
+    assert os.stat(write_train_jsonl(path)).st_mtime_ns == first
+    script = f"from dret.demo_data import write_train_jsonl\nfor _ in range(20): write_train_jsonl({path!r})"
+    os.remove(path)
+    writers = [subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT})
+               for _ in range(2)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    assert sorted(os.listdir(tmp_path / "data")) == ["train.jsonl"]
