@@ -9,11 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One persistent compilation cache per test session, shared by the xdist workers and the subprocesses tests start:
 # a run, its killed subprocess and its resume compile the same step once (an entry cut short by a killed process is
 # compiled again, with a warning).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dret-tests-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist workers and subprocesses inherit the session's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dret-tests-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -21,6 +23,13 @@ import pytest  # noqa: E402
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices"
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def pytest_sessionfinish(session):
+    """The session's compilation cache goes when the session does (xdist workers leave it to the controller)."""
+    if not hasattr(session.config, "workerinput") and "dret-tests-jax-cache-" in JAX_CACHE:
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
