@@ -52,15 +52,17 @@ def _cause(error: BaseException) -> str:
 class Checkpointer:
     """`output_dir/checkpoints/<step>/{state, meta}`; a checkpoint is visible only once fully written."""
 
-    def __init__(self, directory: str, *, max_to_keep: int):
+    def __init__(self, directory: str, *, max_to_keep: int | None = None, writer: bool = True):
+        """The training run saves (`writer`: removes what an interrupted save left, keeps `max_to_keep`); readers
+        (evaluation, export) change nothing, so a checkpoint a running training is writing stays untouched."""
         self.directory = os.path.abspath(directory)
         logging.getLogger("absl").addFilter(_ORBAX_FAILURES)
         if not getattr(sys.unraisablehook, "dret", False):
             sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
-                                                 cleanup_tmp_directories=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep if writer else None, create=writer,
+                                                 enable_async_checkpointing=True, cleanup_tmp_directories=writer),
         )
         self._pending: int | None = None  # the step being written in the background
         self._failed = False

@@ -41,7 +41,7 @@ def saved_steps(output_dir: str) -> list[int]:
     directory = os.path.join(output_dir, CHECKPOINTS)
     if not os.path.isdir(directory):
         raise DretError(f"{output_dir} holds no {CHECKPOINTS}/ folder: expected a dret training output_dir")
-    checkpointer = Checkpointer(directory, max_to_keep=None)
+    checkpointer = Checkpointer(directory, writer=False)
     try:
         return sorted(checkpointer.all_steps())
     finally:
@@ -50,7 +50,7 @@ def saved_steps(output_dir: str) -> list[int]:
 
 def run_config(output_dir: str, step: int) -> ml_collections.ConfigDict:
     """The config a run saved with its checkpoint at `step`."""
-    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), max_to_keep=None)
+    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), writer=False)
     try:
         return ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
     finally:
@@ -83,7 +83,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     init, shardings = state_layout(params, None, make_optimizer(config, 1)[0], mesh, config)
     target = jax.eval_shape(jax.jit(init, out_shardings=shardings), params, None)  # carries the shardings
     target = target.replace(opt_state=jax.tree.map(lambda _: ocp.PLACEHOLDER, target.opt_state))  # not read
-    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), max_to_keep=None)
+    checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), writer=False)
     try:
         saved, _ = checkpointer.restore(step, target)
     finally:

@@ -24,6 +24,8 @@ def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
                                                 for i in range(3)))
     (beir / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
     common = ["--data", str(beir), "--output_folder", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "c")]
+    in_flight = tmp_path / "run" / "checkpoints" / "3.orbax-checkpoint-tmp-1733300000"  # a save still being written
+    in_flight.mkdir()
     latest = eval_main(["--model", config.output_dir, *common])[0]
     exported = eval_main(["--model", export_dir, *common])[0]  # the same step-2 weights, merged at the run's end
     assert latest["step"] is None
@@ -33,6 +35,7 @@ def test_training_output_dir_evaluates_latest_and_every_step(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["ndcg_at_10"] == latest["ndcg_at_10"]  # the latest step is step 2
     assert (tmp_path / "out" / "checkpoints.png").exists()
+    assert in_flight.is_dir()  # evaluating a run that is still training leaves its save alone
 
 
 def test_lora_cache_key_covers_the_base_model_and_dtype_applies(tmp_path):
