@@ -68,7 +68,7 @@ def _parsed(file: str, mtime_ns: int, size: int) -> GGUFFile:
     except Exception as e:
         raise DretError(f"{file} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     architecture = metadata.get("general.architecture")
-    family = _family_of(architecture, file)
+    family = models.family_of_gguf(architecture, file)
     config = _config_of(metadata, architecture, family.GGUF_ARCHITECTURES[architecture])
     cfg = family.config_of(config, source=file)
     by_name = {family.from_gguf_name(t.name, file): t for t in reader.tensors}
@@ -87,15 +87,6 @@ def _parsed(file: str, mtime_ns: int, size: int) -> GGUFFile:
 def _shape(t) -> tuple[int, ...]:
     """A tensor's logical (numpy, HF) shape: GGUF lists dimensions innermost first."""
     return tuple(int(n) for n in reversed(t.shape))
-
-
-def _family_of(architecture, file: str):
-    for family in models.FAMILIES:
-        if architecture in family.GGUF_ARCHITECTURES:
-            return family
-    supported = ", ".join(a for family in models.FAMILIES for a in family.GGUF_ARCHITECTURES)
-    raise DretError(f"{file}: general.architecture: expected one of {supported} (supported GGUF architectures), "
-                    f"got {architecture!r:.80}")
 
 
 def _config_of(metadata: dict, architecture: str, model_type: str) -> dict:

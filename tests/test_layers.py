@@ -15,7 +15,6 @@ from dret.models.attention import dot_product_attention
 from dret.models.layers import run_layers
 
 B, T, D, HEADS = 8, 256, 32, 2  # 256-token rows: CPU inference runs blocks of 4 rows
-AXES = ("batch", "length", "embed")
 
 
 class ToyLayer(nnx.Module):
@@ -59,7 +58,7 @@ def test_inference_on_cpu_equals_the_accelerator_path(monkeypatch, is_causal):
     layers, (x_btd, segments_bt, positions_bt) = _layers(is_causal), _inputs()
 
     def forward(x, s):
-        return run_layers(layers, x, s, positions_bt, None, remat=False, axes=AXES)
+        return run_layers(layers, x, s, positions_bt, None, remat=False)
 
     def traced() -> str:  # a new function each time: make_jaxpr caches traces by function
         return str(jax.make_jaxpr(lambda x, s: forward(x, s))(x_btd, segments_bt))
@@ -79,14 +78,14 @@ def test_training_forward_and_gradients_on_cpu_equal_the_accelerator_path(monkey
 
     def loss_and_grads(remat):
         def loss(layers):
-            h_btd = run_layers(layers, x_btd, segments_bt, positions_bt, jax.random.key(1), remat=remat, axes=AXES)
+            h_btd = run_layers(layers, x_btd, segments_bt, positions_bt, jax.random.key(1), remat=remat)
             return (h_btd * weights_btd).sum(), h_btd
         (_, h_btd), grads = nnx.value_and_grad(loss, has_aux=True)(layers)
         return h_btd, jax.tree.leaves(nnx.to_pure_dict(grads))
 
     def checkpoints(remat) -> int:  # rematerialised calls in the traced forward
         forward = lambda x: run_layers(layers, x, segments_bt, positions_bt, jax.random.key(1),  # noqa: E731
-                                       remat=remat, axes=AXES)
+                                       remat=remat)
         return len(re.findall(r"= (?:remat\w*|checkpoint)\[", str(jax.make_jaxpr(forward)(x_btd))))
 
     want_h, want_grads = loss_and_grads(remat=False)

@@ -30,6 +30,16 @@ def family_of(hf: dict, source: str = "config.json"):
     raise DretError(f"{source}: model_type: expected one of {supported} (supported model_type), got {model_type!r:.80}")
 
 
+def family_of_gguf(architecture, source: str):
+    """The family module that reads GGUF files of this `general.architecture`; a DretError naming `source` else."""
+    for family in FAMILIES:
+        if architecture in family.GGUF_ARCHITECTURES:
+            return family
+    supported = ", ".join(a for family in FAMILIES for a in family.GGUF_ARCHITECTURES)
+    raise DretError(f"{source}: general.architecture: expected one of {supported} (supported GGUF architectures), "
+                    f"got {architecture!r:.80}")
+
+
 def config_of(hf: dict, source: str = "config.json"):
     """The family's validated config of an HF config dict (`hidden_size`, `vocab_size`, `max_text_length`, ...)."""
     return family_of(hf, source).config_of(hf, source)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from dret.errors import DretError
 from dret.models.attention import dot_product_attention
-from dret.models.layers import run_layers
+from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
 
 # model_type -> the HF class an exported config.json names in `architectures` (and that a config.json without a
@@ -34,7 +34,6 @@ MODEL_TYPES = tuple(HF_CLASSES)
 GGUF_ARCHITECTURES = {}  # none: BERT-family GGUF files are not read
 LORA_MODULES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")  # the names lora_target_modules may use
 LORA_TARGETS = ("query", "key", "value")  # adapters when lora_target_modules is () (the reference: q, k, v)
-ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers
 
 
 def _gelu(x):
@@ -286,4 +285,4 @@ class BertModel(nnx.Module):
         if dropout_rng is not None:
             x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         return run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), position_ids_bt, dropout_rng,
-                          remat=self.remat, axes=ACTIVATION_AXES)
+                          remat=self.remat)

@@ -9,8 +9,11 @@ from dret.models import cpu
 from dret.models.logical import constrain
 
 
-def run_layers(layers, x_btd, segments_bt, positions_bt, dropout_rng: jax.Array | None, *, remat: bool, axes: tuple):
-    """x_btd through each layer in turn, laid out as `axes` (logical names) after each. Layer i draws its dropout
+ACTIVATION_AXES = ("batch", "length", "embed")  # logical axes of the hidden states between layers (every family)
+
+
+def run_layers(layers, x_btd, segments_bt, positions_bt, dropout_rng: jax.Array | None, *, remat: bool):
+    """x_btd through each layer in turn, laid out as ACTIVATION_AXES after each. Layer i draws its dropout
     from fold_in(dropout_rng, i); with `remat` its activations are recomputed in the backward pass. Inference
     (dropout_rng None) runs each layer block by block on CPU (`dret.models.cpu.inference_layer`)."""
     for i, layer in enumerate(layers):
@@ -21,7 +24,7 @@ def run_layers(layers, x_btd, segments_bt, positions_bt, dropout_rng: jax.Array 
             rng = jax.random.fold_in(dropout_rng, i)
             x_btd = (_rematerialised(layer, x_btd, segments_bt, positions_bt, rng) if remat
                      else layer(x_btd, segments_bt, positions_bt, rng))
-        x_btd = constrain(x_btd, axes)
+        x_btd = constrain(x_btd, ACTIVATION_AXES)
     return x_btd
 
 

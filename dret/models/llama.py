@@ -23,7 +23,7 @@ from flax import nnx
 
 from dret.errors import DretError
 from dret.models.attention import dot_product_attention
-from dret.models.layers import run_layers
+from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
 
 # model_type -> the HF class an exported config.json names in `architectures`
@@ -31,7 +31,6 @@ HF_CLASSES = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2M
 MODEL_TYPES = tuple(HF_CLASSES)
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = LORA_MODULES  # adapters when lora_target_modules is () (RepLLaMA: all seven)
-ACTIVATION_AXES = ("batch", "length", "embed")  # hidden states between layers
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -402,5 +401,5 @@ class LlamaModel(nnx.Module):
         x_btd = constrain(self.embed_tokens(ids_bt).astype(jnp.float32), ACTIVATION_AXES)
         positions_bt = (positions_bt * real_bt).astype(jnp.int32)
         x_btd = run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), positions_bt, dropout_rng,
-                           remat=self.remat, axes=ACTIVATION_AXES)
+                           remat=self.remat)
         return self.norm(x_btd)
