@@ -37,13 +37,13 @@ class Run:
 
 def _tokenizer_and_data(config, source: ModelSource, mesh) -> tuple[object, int, TrainData]:
     """(tokenizer, global batch, the training files validated, cached as Arrow on first use, batched per host)."""
-    tokenizer = tokenizer_of(source)
+    tokenizer = tokenizer_of(source, config)
     global_batch = config.per_device_train_batch_size * data_parallel_size(mesh) * config.gradient_accumulation_steps
     return tokenizer, global_batch, TrainData(
         resolve_train_data(config), tokenizer, global_batch_size=global_batch, group_size=config.train_group_size,
         query_max_len=config.query_max_len, passage_max_len=config.passage_max_len,
         query_instruction=config.query_instruction_for_retrieval,
-        passage_instruction=config.passage_instruction_for_retrieval,
+        passage_instruction=config.passage_instruction_for_retrieval, padding_side=config.padding_side,
         max_example_num_per_dataset=config.max_example_num_per_dataset, seed=config.seed,
         skip_bad_rows=config.skip_bad_rows, cache_dir=config.data_cache_dir or None,
         process_index=jax.process_index(), process_count=jax.process_count())

@@ -18,6 +18,7 @@ from dret.peft import FINE_TUNE_TYPES
 from dret.pooling import POOLING_METHODS
 from dret.resources import ModelSource, model_dir, resolve_model
 from dret.sharding import parse_sharding
+from dret.tokens import PAD_TOKENS, PADDING_SIDES
 
 log = logging.getLogger(__name__)
 # (fields, what each value must satisfy besides being finite, how the message says it)
@@ -109,6 +110,10 @@ def validate(config) -> ModelSource:
              f"set train_group_size=1 (it is {c.train_group_size})")
     _require(c.train_group_size > 1 or c.per_device_train_batch_size > 1 or c.negatives_cross_device,
              "train_group_size=1 with one query per device and no negatives_cross_device leaves no negatives")
+    _require(c.padding_side in PADDING_SIDES, f"padding_side={c.padding_side!r}: expected one of {PADDING_SIDES}")
+    _require(c.pad_token in ("", *PAD_TOKENS), f"pad_token={c.pad_token!r}: expected one of {PAD_TOKENS} or \"\"")
+    for name in ("add_bos_token", "add_eos_token"):
+        _require(c[name] in (-1, 0, 1), f"{name}={c[name]}: expected 1 (on), 0 (off) or -1 (the tokenizer's default)")
     _require(not c.eval_data or os.path.isdir(c.eval_data), f"eval_data={c.eval_data!r} is not a folder (BEIR layout)")
     try:
         parse_sharding(c.sharding)

@@ -18,8 +18,8 @@ or with `skip_bad_rows=True` is skipped and counted in the log.
 A group is 1 positive (a random one of `pos`) + group_size-1 negatives (without replacement when
 `neg` has enough, else drawn from `neg` repeated, as the reference does); a row with an empty `neg`
 takes other rows' positives instead. Instructions are plain prefixes. Sequences are truncated on the
-right (a text is first cut to a character bound, see MAX_CHARS_PER_TOKEN) and right-padded to
-query_max_len / passage_max_len.
+right (a text is first cut to a character bound, see MAX_CHARS_PER_TOKEN) and padded to query_max_len /
+passage_max_len on `padding_side` (right by default; the model and pooling read either).
 
 Batches are numpy dicts: query_ids/query_mask [b, Lq] and passage_ids/passage_mask [b*G, Lp] int32,
 query i's group at passage rows i*G..i*G+G-1 (positive first), where b = global_batch_size /
@@ -49,6 +49,7 @@ import numpy as np
 from datasets.arrow_writer import ArrowWriter
 
 from dret.errors import DretError
+from dret.tokens import PADDING_SIDES, check_instruction
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ class TrainData:
         passage_max_len: int,
         query_instruction: str = "",
         passage_instruction: str = "",
+        padding_side: str = "right",
         max_example_num_per_dataset: int = 100_000_000,
         seed: int = 42,
         skip_bad_rows: bool = False,
@@ -246,12 +248,16 @@ class TrainData:
             raise DretError(f"global_batch_size {global_batch_size} must split evenly over {process_count} processes")
         if tokenizer.pad_token is None:
             raise DretError("the tokenizer has no pad token: set one (e.g. its eos or unk token)")
+        if padding_side not in PADDING_SIDES:
+            raise DretError(f"padding_side={padding_side!r}: expected one of {', '.join(PADDING_SIDES)}")
+        check_instruction(tokenizer, query_instruction, query_max_len, "query_instruction_for_retrieval")
+        check_instruction(tokenizer, passage_instruction, passage_max_len, "passage_instruction_for_retrieval")
         self.global_batch_size, self.group_size, self.seed = global_batch_size, group_size, seed
         self.query_max_len, self.passage_max_len = query_max_len, passage_max_len
         self.query_instruction, self.passage_instruction = query_instruction, passage_instruction
         self.process_index, self.process_count, self.prefetch = process_index, process_count, prefetch
         self._tokenizer = copy.deepcopy(tokenizer)  # our own: its padding/truncation state is set per call
-        self._tokenizer.padding_side = self._tokenizer.truncation_side = "right"
+        self._tokenizer.padding_side, self._tokenizer.truncation_side = padding_side, "right"
 
         cache_dir = cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "dret_train")
         parts, row_ids, offset, empty_neg = [], [], 0, 0

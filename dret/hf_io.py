@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -146,6 +147,27 @@ def open_weights(path: str, *, allow_pickle: bool = False) -> Weights:
         return Weights({k: v.shape for k, v in tensors.items()}, dict.fromkeys(tensors, pickled),
                        lambda name, index: tensors[name][index])
     raise DretError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+
+
+_SAMPLES, _SAMPLE_BYTES = 64, 4096
+
+
+def weights_fingerprint(path: str) -> str:
+    """A content fingerprint of a model: its GGUF file, or its folder's config.json and weight files, each by size
+    and 64 evenly spaced 4 KiB samples. A copy matches (names and dates do not count); another model of the same
+    shape, or a fine-tune of this one, does not, and gigabytes are never read."""
+    names = [os.path.basename(path)] if gguf_io.is_gguf(path) else sorted(
+        n for n in os.listdir(path) if n == "config.json" or n.endswith((".safetensors", ".bin")))
+    folder = os.path.dirname(path) if gguf_io.is_gguf(path) else path
+    h = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"{name}:{size}\n".encode())
+            for offset in sorted({i * max(size - _SAMPLE_BYTES, 0) // (_SAMPLES - 1) for i in range(_SAMPLES)}):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 # Each option is the set of files one tokenizer needs (BERT, RoBERTa, XLM-R / ERNIE sentencepiece, any fast one).

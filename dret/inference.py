@@ -18,9 +18,10 @@ from dret import models, peft
 from dret.checkpoint import Checkpointer
 from dret.errors import DretError, one_line
 from dret.model import Embedder
-from dret.resources import build_backbone, resolve_model, tokenizer_of
+from dret.resources import build_backbone, check_base, resolve_model, tokenizer_of
 from dret.sharding import make_mesh
 from dret.train_step import make_optimizer, state_layout
+from ml_configs import base
 
 CHECKPOINTS = "checkpoints"  # under a run's output_dir
 
@@ -48,13 +49,25 @@ def saved_steps(output_dir: str) -> list[int]:
         checkpointer.close()
 
 
-def run_config(output_dir: str, step: int) -> ml_collections.ConfigDict:
-    """The config a run saved with its checkpoint at `step`."""
+def run_meta(output_dir: str, step: int) -> dict:
+    """What a run saved beside its checkpoint at `step`: its config, data position and base model fingerprint."""
     checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), writer=False)
     try:
-        return ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+        return checkpointer.read_meta(step)
     finally:
         checkpointer.close()
+
+
+def config_of(meta: dict) -> ml_collections.ConfigDict:
+    """The run config a checkpoint's meta holds; fields added to dret since it was saved keep their defaults."""
+    config = base.get_config()
+    config.update(meta["config"])
+    return config
+
+
+def run_config(output_dir: str, step: int) -> ml_collections.ConfigDict:
+    """The config a run saved with its checkpoint at `step`."""
+    return config_of(run_meta(output_dir, step))
 
 
 def pick_step(output_dir: str, step: int | None) -> int:
@@ -72,8 +85,10 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     The trained variables are restored onto the run's own state layout (on this process's first device), the
     optimizer state is skipped, and the frozen weights come from the base model, as when a run resumes."""
     step = pick_step(output_dir, step)
-    config = run_config(output_dir, step)
+    meta = run_meta(output_dir, step)
+    config = config_of(meta)
     source = resolve_model(config)
+    check_base(meta.get("base_model"), source, config, os.path.join(output_dir, CHECKPOINTS, str(step)))
     hf_config = source.hf
     backbone = build_backbone(source, config, dtype=jnp.float32, param_dtype=jnp.float32)
     graphdef, params, frozen = peft.split_trainable(backbone, hf_config, config)
@@ -88,7 +103,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
         saved, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer_of(source), config, step
+    return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer_of(source, config), config, step
 
 
 def run_embedder(output_dir: str, step: int | None = None, dtype=jnp.float32) -> Embedder:

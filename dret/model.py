@@ -15,6 +15,7 @@ from dret.errors import DretError
 from dret.models import cpu
 from dret.models.logical import activation_rules
 from dret.pooling import POOLING_METHODS, finish, pool_weights
+from dret.tokens import check_instruction
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -92,6 +93,7 @@ class Embedder:
         if dim is not None and not 0 < dim <= self.dim:
             raise DretError(f"dim={dim}: expected 1..{self.dim} (the model's embedding size)")
         max_length = max_length or self.max_length
+        check_instruction(self.tokenizer, instruction, max_length, "instruction")
         ids = self.tokenize([instruction + t for t in texts], max_length)
         state = encode_lib.replicate(nnx.split(self.backbone)[1])
         forward = functools.partial(self.forward, state, pooling=self.pooling, normalize=self.normalize, dim=dim)

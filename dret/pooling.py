@@ -26,11 +26,19 @@ def pool_weights(positions_bt: jax.Array, lengths_bt: jax.Array, method: str) ->
     return jnp.where(real_bt, w_bt, 0.0).astype(jnp.float32)
 
 
+def text_positions(segments_bt: jax.Array) -> jax.Array:
+    """Each real token's position in its row's one text [B, T] (segment 0 = padding, on either side)."""
+    real_bt = segments_bt != 0
+    return jnp.where(real_bt, jnp.cumsum(real_bt, axis=1) - 1, 0).astype(jnp.int32)
+
+
 def pool(h_btd: jax.Array, segments_bt: jax.Array, method: str) -> jax.Array:
-    """Hidden states [B, T, D] of right-padded rows (one text each; segment 0 = padding) -> vectors [B, D] in
-    float32."""
-    positions_bt = jnp.arange(h_btd.shape[1])[None, :]
-    w_bt = pool_weights(positions_bt, (segments_bt != 0).astype(jnp.int32).sum(1, keepdims=True), method)
+    """Hidden states [B, T, D] of padded rows (one text each, padded on the right or the left; segment 0 =
+    padding) -> vectors [B, D] in float32."""
+    real_bt = segments_bt != 0
+    lengths_b1 = real_bt.astype(jnp.int32).sum(1, keepdims=True)
+    positions_bt = jnp.where(real_bt, text_positions(segments_bt), lengths_b1)  # padding: past the end, weight 0
+    w_bt = pool_weights(positions_bt, lengths_b1, method)
     return (h_btd.astype(jnp.float32) * w_bt[..., None]).sum(1)
 
 

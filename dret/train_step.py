@@ -20,7 +20,7 @@ from flax import nnx
 from dret.losses import contrastive_loss, matryoshka_loss
 from dret.models.logical import activation_rules
 from dret.peft import with_lora_rng
-from dret.pooling import finish, pool
+from dret.pooling import finish, pool, text_positions
 from dret.sharding import (OFFLOAD_MEMORY, ActivationConstraint, data_parallel_size, grad_shardings, opt_axes,
                            param_axes, parse_sharding, state_shardings)
 
@@ -130,8 +130,11 @@ def make_step(config, graphdef, tx, mesh, params, shardings, hidden_size: int) -
     return step_config, jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
 
 
-def _embed(model, ids_bt, segments_bt, rng, cfg: StepConfig):
-    v_bd = pool(model(ids_bt, segments_bt, dropout_rng=rng), segments_bt, cfg.sentence_pooling_method)
+def embed(model, ids_bt, segments_bt, rng, cfg: StepConfig):
+    """Padded rows [B, T] (one text each, padding on either side; segments a 0/1 mask) -> vectors [B, d], with
+    dropout keyed by `rng` (None: none)."""
+    h_btd = model(ids_bt, segments_bt, positions_bt=text_positions(segments_bt), dropout_rng=rng)
+    v_bd = pool(h_btd, segments_bt, cfg.sentence_pooling_method)
     return finish(v_bd, normalize=cfg.normalized, dim=None)
 
 
@@ -155,8 +158,8 @@ def batch_loss(q_bd, p_nd, cfg: StepConfig):
 def micro_batch_loss(params, frozen, batch, rng, cfg: StepConfig):
     """(loss, metrics) of one micro-batch, with dropout and LoRA dropout keyed by `rng`."""
     model = with_lora_rng(nnx.merge(cfg.graphdef, params, frozen), jax.random.fold_in(rng, 1))
-    q_bd = _embed(model, batch["query_ids"], batch["query_mask"], jax.random.fold_in(rng, 2), cfg)
-    p_nd = _embed(model, batch["passage_ids"], batch["passage_mask"], jax.random.fold_in(rng, 3), cfg)
+    q_bd = embed(model, batch["query_ids"], batch["query_mask"], jax.random.fold_in(rng, 2), cfg)
+    p_nd = embed(model, batch["passage_ids"], batch["passage_mask"], jax.random.fold_in(rng, 3), cfg)
     return batch_loss(q_bd, p_nd, cfg)
 
 

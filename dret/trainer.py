@@ -29,7 +29,7 @@ from dret.flops import mfu_metrics
 from dret.inference import CHECKPOINTS, embedder_of, publish
 from dret.metrics_log import MetricsLog
 from dret.model import Embedder
-from dret.resources import ModelSource
+from dret.resources import ModelSource, base_fingerprint, check_base
 from dret.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
     checkpointer = Checkpointer(os.path.join(output_dir, CHECKPOINTS), max_to_keep=config.save_total_limit)
     start_step = checkpointer.latest_step() or 0
     if start_step:
+        check_base(checkpointer.read_meta(start_step).get("base_model"), source, config,
+                   os.path.join(checkpointer.directory, str(start_step)))
         saved, meta = checkpointer.restore(start_step, abstract(state.replace(frozen=None)))
         state = saved.replace(frozen=state.frozen)
         data.restore(meta["data"])
@@ -72,7 +74,8 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
 
     sharding = batch_sharding(run.mesh)
     logs = MetricsLog(output_dir, start_step=start_step, total_steps=total_steps, enabled=is_main)
-    meta = lambda: {"data": data.state(), "config": config.to_dict()}  # noqa: E731
+    base_model = base_fingerprint(source)
+    meta = lambda: {"data": data.state(), "config": config.to_dict(), "base_model": base_model}  # noqa: E731
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))

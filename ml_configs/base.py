@@ -13,6 +13,7 @@ def get_config(arg=None):
     c.overwrite_output_dir = False  # start over: delete what dret wrote in output_dir (else an earlier run is resumed)
     c.dry_run = False  # check config, output_dir, model folder and training files, say what the run would do, stop
     c.fine_tune_type = "sft"  # sft (all weights) | lora (qwix adapters) | bitfit (biases only)
+    c.model_type = ""  # the family of a tiny run without a model folder (bert | llama | mistral | qwen2; "" = bert)
     c.sentence_pooling_method = "cls"  # cls | mean | last | last_8
     c.normalized = True  # L2-normalise embeddings before scoring
     # Data.
@@ -23,6 +24,10 @@ def get_config(arg=None):
     c.passage_max_len = 512  # passage tokens (truncated right, padded)
     c.query_instruction_for_retrieval = ""  # prefix added to every query
     c.passage_instruction_for_retrieval = ""  # prefix added to every passage
+    c.pad_token = ""  # unk_token | eos_token | pad_token: the token padding uses; "" = the tokenizer's (else unk, else eos)
+    c.padding_side = "right"  # right | left: where batches are padded (the vectors are the same either way)
+    c.add_bos_token = -1  # 1: every text starts with BOS, 0: none, -1: as the tokenizer does
+    c.add_eos_token = -1  # 1: every text ends with EOS (last-token pooling reads it), 0: none, -1: as the tokenizer does
     c.skip_bad_rows = False  # skip and count malformed rows instead of stopping with file:line
     c.data_cache_dir = ""  # train_data as Arrow; "" = ~/.cache/huggingface/datasets/dret_train ($HF_DATASETS_CACHE)
     # Optimisation.

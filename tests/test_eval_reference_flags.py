@@ -27,7 +27,7 @@ def _small_model(folder, minilm_dir: str, seed: int) -> str:
     from dret import models
     from dret.hf_io import read_config
     from dret.model import Embedder
-    from dret.resources import TINY
+    from dret.models.bert import TINY
 
     hf = {**read_config(minilm_dir), **TINY}
     Embedder(models.build(hf, rngs=nnx.Rngs(seed)), transformers.AutoTokenizer.from_pretrained(minilm_dir), hf,

@@ -8,7 +8,7 @@ from flax import nnx
 from dret import models
 from dret.flops import ModelFlops, peak_flops
 from dret.hf_io import read_config
-from dret.resources import TINY
+from dret.models.bert import TINY
 
 
 def test_model_flops_count_matmul_weights_and_attention_per_real_token(minilm_dir):

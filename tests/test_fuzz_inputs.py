@@ -131,7 +131,8 @@ def inputs(tmp_path_factory):
     """A valid training jsonl, BEIR folder and tiny model folder (random weights on MiniLM's tokenizer)."""
     from dret.hf_io import read_config
     from dret import models
-    from dret.resources import TINY, bundled_minilm
+    from dret.models.bert import TINY
+    from dret.resources import bundled_minilm
     import transformers
 
     root = tmp_path_factory.mktemp("fuzz_inputs")

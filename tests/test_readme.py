@@ -64,7 +64,7 @@ def _small_hf_model(folder: pathlib.Path, minilm_dir: str) -> None:
     from dret import models
     from dret.hf_io import read_config
     from dret.model import Embedder
-    from dret.resources import TINY
+    from dret.models.bert import TINY
 
     hf = {**read_config(minilm_dir), **TINY}
     Embedder(models.build(hf, rngs=nnx.Rngs(0)), transformers.AutoTokenizer.from_pretrained(minilm_dir), hf,

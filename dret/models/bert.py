@@ -8,7 +8,7 @@ the code").
 
 The family's surface for `dret.models` (the registry) and `dret.hf_io`: MODEL_TYPES and HF_CLASSES, `config_of`,
 `build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS), LORA_MODULES /
-LORA_TARGETS, and on the config `hidden_size`, `vocab_size` and `max_text_length`.
+LORA_TARGETS, TINY, and on the config `hidden_size`, `vocab_size` and `max_text_length`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ MODEL_TYPES = tuple(HF_CLASSES)
 GGUF_ARCHITECTURES = {}  # none: BERT-family GGUF files are not read
 LORA_MODULES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")  # the names lora_target_modules may use
 LORA_TARGETS = ("query", "key", "value")  # adapters when lora_target_modules is () (the reference: q, k, v)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)  # config.tiny's shape
 
 
 def _gelu(x):

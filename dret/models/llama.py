@@ -5,7 +5,7 @@ or bidirectional (NV-Embed, LLM2Vec) when the config says `"bidirectional": true
 As in `bert`: parameters name logical axes only, compute and parameter dtypes are separate, matmuls give float32
 results and the residual stream, norms, RoPE and softmax stay float32. The family's surface for `dret.models` and
 `dret.hf_io` is bert's: MODEL_TYPES, HF_CLASSES, `config_of`, `build`, `hf_name`, `transposed`,
-`checkpoint_prefix`, UNUSED_KEYS, LORA_MODULES / LORA_TARGETS; attribute names mirror HF's, so the key table is
+`checkpoint_prefix`, UNUSED_KEYS, LORA_MODULES / LORA_TARGETS, TINY; attribute names mirror HF's, so the key table is
 the module path.
 """
 
@@ -31,6 +31,8 @@ HF_CLASSES = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2M
 MODEL_TYPES = tuple(HF_CLASSES)
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = LORA_MODULES  # adapters when lora_target_modules is () (RepLLaMA: all seven)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128)  # config.tiny's shape
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
