@@ -55,16 +55,17 @@ def folders(tmp_path_factory, minilm_dir):
                 beir=str(beir), t2ranking=str(t2))
 
 
-def _pair(folders, a, b, tmp_path, *extra):
-    """The reference's T2Ranking command (with a local BEIR folder) on query model a and passage model b."""
+def _pair(folders, a, b, tmp_path, *extra, data=None):
+    """The reference's T2Ranking command (with a local BEIR folder, default the fixture's) on query model a and
+    passage model b."""
     return eval_main(["--model_type", "bert", "--query_model", folders[a], "--passage_model", folders[b],
-                      "--query_max_length", "64", "--passage_max_length", "512", "--data", folders["beir"],
+                      "--query_max_length", "64", "--passage_max_length", "512", "--data", data or folders["beir"],
                       "--output_folder", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), *extra])[0]
 
 
-def _direct(folders) -> dict:
+def _direct(folders, data=None) -> dict:
     """Queries encoded by A, the corpus by B, numpy cosine ranking, dret.eval.metrics."""
-    data = datasets.load_beir(folders["beir"])
+    data = datasets.load_beir(data or folders["beir"])
     pair = DualEncoder.from_pretrained(folders["a"], folders["b"])
     q_qd = pair.encode_queries(data.query_texts, max_length=64, progress=False)
     p_nd = pair.encode_corpus(data.corpus_texts, max_length=512, progress=False)
@@ -99,6 +100,15 @@ def test_dual_encoder_equals_direct_computation_and_caches_the_corpus_by_passage
     aa = _pair(folders, "a", "a", tmp_path)  # A's queries cached, A's corpus not
     assert aa["cache_hits"] == 1 and loaded == [folders["a"]]
     assert any(aa[m] != pytest.approx(ab[m], abs=1e-6) for m in COMPARED), "A/B must differ from A/A"
+
+
+def test_pair_on_cranfield_differs_from_one_model_and_equals_the_direct_computation(folders, shared_data, tmp_path):
+    """Real data (Cranfield: 1,400 abstracts, 225 queries), two different (small, random) encoders."""
+    cranfield = str(shared_data / "cranfield")
+    ab, aa = _pair(folders, "a", "b", tmp_path, data=cranfield), _pair(folders, "a", "a", tmp_path, data=cranfield)
+    direct = _direct(folders, cranfield)
+    assert {m: ab[m] for m in COMPARED} == pytest.approx({m: direct[m] for m in COMPARED}, abs=1e-6)
+    assert all(aa[m] != pytest.approx(ab[m], abs=1e-4) for m in COMPARED), (aa, ab)
 
 
 def test_mteb_scores_the_pair_like_the_direct_computation(folders):

@@ -150,7 +150,8 @@ def test_bad_flags(args, message):
 
 
 def test_reference_command_runs_and_a_wrong_flag_is_one_line(tmp_path):
-    """The first command as written (paths made local), a tiny model, a dry run: exit 0; a typo: one line, exit 2."""
+    """The first and the decoder command as written (paths made local), tiny models, dry runs: exit 0; a typo: one line,
+    exit 2."""
     data = tmp_path / "data" / "dureader_dual.train.jsonl"
     data.parent.mkdir()
     data.write_text("".join(json.dumps({"query": f"问题 {i}", "pos": [f"答案 {i}"], "neg": [f"别的 {i}"]}) + "\n"
@@ -162,6 +163,13 @@ def test_reference_command_runs_and_a_wrong_flag_is_one_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dret: warning: ignored --do_train (dret.train always trains)" in result.stderr
     assert not (tmp_path / "rocketqa-zh-base-query-encoder-duretrieval" / "checkpoints").exists()
+    decoder = [sys.executable, "-m", "dret.train", *shlex.split(REFERENCE[2].replace("\\\n", " ")), "--tiny", "true",
+               "--model_type", "llama", "--max_steps", "1", "--dry_run", "true", "--data_cache_dir",
+               str(tmp_path / "cache")]  # the decoder command: a random Llama on SmolLM2's tokenizer
+    result = subprocess.run(decoder, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps of 256 queries x group 4" in result.stdout and "model llama 2 x 64" in result.stdout
     wrong = subprocess.run([*command[:3], "--use_matryoshak"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.splitlines() == [
         "dret: unknown flag --use_matryoshak (did you mean --use_matryoshka?): dret.train takes the reference's "
