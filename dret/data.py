@@ -261,6 +261,7 @@ class TrainData:
 
         cache_dir = cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "dret_train")
         parts, row_ids, offset, empty_neg = [], [], 0, 0
+        self.files = {}  # path -> rows kept
         for k, path in enumerate(jsonl_files(train_data)):
             rows, meta = load_rows(path, cache_dir, skip_bad_rows)
             ids = np.arange(len(rows))
@@ -268,6 +269,7 @@ class TrainData:
                 cut_rng = np.random.default_rng([seed, 0, k])
                 ids = np.sort(cut_rng.choice(len(rows), max_example_num_per_dataset, replace=False))
             parts.append(rows)
+            self.files[path] = len(ids)
             row_ids.append(ids + offset)
             offset += len(rows)
             empty_neg += meta["empty_neg_rows"]
@@ -294,7 +296,7 @@ class TrainData:
     def state(self) -> dict:
         """JSON-serialisable position after the last batch handed out."""
         return {"epoch": self._epoch, "position": self._position, "seed": self.seed, "rows": len(self),
-                "global_batch_size": self.global_batch_size, "group_size": self.group_size}
+                "global_batch_size": self.global_batch_size, "group_size": self.group_size, "files": self.files}
 
     def restore(self, state: dict) -> None:
         """Continue from a position saved by `state()` on the same data and settings."""

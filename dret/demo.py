@@ -8,6 +8,7 @@ import sys
 
 from absl import logging as absl_logging
 
+from dret import model_card
 from dret.demo_data import build_pairs, split_pairs
 from dret.errors import run_command
 from dret.eval.datasets import Retrieval
@@ -45,12 +46,15 @@ def main() -> None:
           f"library's docstrings; {len(data.query_ids)} held-out queries (their one-line summaries).")
     before = score(bundled_minilm(), data, config.passage_max_len)
     print(f"Fine-tuning all-MiniLM-L6-v2 into {config.output_dir} (resumes if already there) ...")
-    after = score(train_and_evaluate(config), data, config.passage_max_len)
-    print(f"\n| held-out ({len(data.query_ids)} queries) | " + " | ".join(SHOWN) + " |")
-    print("|---|" + "---|" * len(SHOWN))
-    for name, result in (("all-MiniLM-L6-v2", before), ("fine-tuned", after)):
-        print(f"| {name} | " + " | ".join(f"{result[k]:.4f}" for k in SHOWN) + " |")
+    export_dir = train_and_evaluate(config)
+    after = score(export_dir, data, config.passage_max_len)
+    rows = [("all-MiniLM-L6-v2", before), ("fine-tuned", after)]
+    table = "\n".join([f"| held-out ({len(data.query_ids)} queries) | " + " | ".join(SHOWN) + " |",
+                       "|---|" + "---|" * len(SHOWN),
+                       *(f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k in SHOWN) + " |" for name, r in rows)])
+    print("\n" + table)
     print("| change | " + " | ".join(f"{after[k] - before[k]:+.4f}" for k in SHOWN) + " |")
+    model_card.append(export_dir, f"Held-out evaluation ({data.name})", table)
 
 
 if __name__ == "__main__":

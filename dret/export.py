@@ -21,7 +21,7 @@ def export_checkpoint(checkpoint: str | None, step: int | None, out: str | None)
     if os.path.lexists(out):
         raise DretError(f"{out} already exists: choose a new folder")
     step = inference.pick_step(checkpoint, step)
-    inference.publish(inference.run_embedder(checkpoint, step), out)
+    inference.export_run(checkpoint, step, out)
     print(f"exported step {step} of {checkpoint} to {out}")
 
 

@@ -14,7 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dret import models, peft
+from dret import model_card, models, peft
 from dret.checkpoint import Checkpointer
 from dret.errors import DretError, one_line
 from dret.model import Embedder
@@ -106,19 +106,31 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer_of(source, config), config, step
 
 
+def export_run(output_dir: str, step: int, export_dir: str) -> None:
+    """A run's checkpoint at `step` published as `export_dir`, LoRA merged, with its model card."""
+    meta = run_meta(output_dir, step)
+    embedder = run_embedder(output_dir, step)
+    card = model_card.training_card(config_of(meta), output_dir=output_dir, step=step,
+                                    data_files=meta["data"].get("files", {}), dim=embedder.dim)
+    publish(embedder, export_dir, card)
+
+
 def run_embedder(output_dir: str, step: int | None = None, dtype=jnp.float32) -> Embedder:
     """A training run's checkpoint (default the latest) as an Embedder, LoRA merged."""
     model, hf_config, tokenizer, config, _ = load_checkpoint(output_dir, step)
     return embedder_of(model, hf_config, tokenizer, config, dtype=dtype)
 
 
-def publish(embedder: Embedder, export_dir: str) -> None:
-    """`embedder` saved as `export_dir` (an HF / sentence-transformers folder), replacing an older export only once
-    the new one is complete; a failed write (disk full) leaves the older export as it was and no partial folder."""
+def publish(embedder: Embedder, export_dir: str, card: str) -> None:
+    """`embedder` saved as `export_dir` (an HF / sentence-transformers folder with `card` as its README.md),
+    replacing an older export only once the new one is complete; a failed write (disk full) leaves the older export
+    as it was and no partial folder."""
     staging = f"{os.path.normpath(export_dir)}.new"
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed between the save and the rename below
     try:
         embedder.save(staging)  # complete or absent: the save itself writes to a temporary sibling first
+        with open(os.path.join(staging, model_card.CARD), "w", encoding="utf-8") as f:
+            f.write(card)
     except (OSError, DretError) as e:
         raise DretError(f"export to {export_dir} failed, the previous export is unchanged: {one_line(e)}") from e
     shutil.rmtree(export_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from dret import model_card
 from dret import output_dir as run_folder
 from dret.build import build_run
 from dret.checkpoint import Checkpointer, abstract
@@ -118,6 +119,8 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
         return None
     export_dir = os.path.join(output_dir, EXPORT_DIR)
     if is_main:
-        model = nnx.merge(run.step_config.graphdef, state.params, state.frozen)
-        publish(embedder_of(model, run.hf_config, run.tokenizer, config), export_dir)
+        embedder = embedder_of(nnx.merge(run.step_config.graphdef, state.params, state.frozen), run.hf_config,
+                               run.tokenizer, config)
+        publish(embedder, export_dir, model_card.training_card(config, output_dir=output_dir, step=step,
+                                                               data_files=data.files, dim=embedder.dim))
     return export_dir

@@ -143,7 +143,7 @@ embedder = Embedder(models.build(hf, rngs=nnx.Rngs(0)),
                     transformers.AutoTokenizer.from_pretrained(bundled_minilm()), hf, pooling="mean")
 os.makedirs(sys.argv[1] + "/export")
 open(sys.argv[1] + "/export/config.json", "w").write("previous")
-run_command(publish, embedder, sys.argv[1] + "/export")
+run_command(publish, embedder, sys.argv[1] + "/export", "a model card")
 """
 
 

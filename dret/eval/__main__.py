@@ -10,6 +10,7 @@ import json
 import logging
 import os
 
+from dret import model_card
 from dret.errors import DretError, run_command
 from dret.eval import cache, datasets, model_dir, sweep
 from dret.eval.run import EvalOptions, evaluate_retrieval
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--cache_dir", default=cache.default_dir(), help="corpus embedding cache ($DRET_CACHE)")
     s.add_argument("--no_cache", action="store_true")
     s.add_argument("--output_folder", default="eval_results")
+    s.add_argument("--update_model_card", action="store_true",
+                   help="append the results table to the model folder's README.md (its model card)")
     return p.parse_args(argv)
 
 
@@ -200,14 +203,29 @@ def main(argv=None) -> list[dict]:
         sweep.plot(rows, os.path.join(args.output_folder, "checkpoints.png"))
         print(sweep.table(rows))
         return rows
-    results = evaluate_model(args, _models(args), args.step)
+    models = _models(args)
+    if args.update_model_card and (len(models) > 1 or not os.path.isfile(os.path.join(models[0][1], "config.json"))):
+        raise DretError("--update_model_card needs one model folder (--model DIR with a config.json), not a training "
+                        "output_dir or a query/passage pair")
+    results = evaluate_model(args, models, args.step)
     _unique_names(results)
     os.makedirs(args.output_folder, exist_ok=True)
     for r in results:
         with open(os.path.join(args.output_folder, f"{r['dataset']}.json"), "w") as f:
             json.dump(r, f, indent=1)
     print(markdown_table(results))
+    if args.update_model_card:
+        model_card.append(models[0][1], f"Evaluation (dret.eval, split {args.split or 'default'})",
+                          markdown_table(results) + "\n\nMetrics in percent; " + _settings(args))
     return results
+
+
+def _settings(args) -> str:
+    """The options that change the numbers, as one line for a model card."""
+    own = "the model's"
+    return (f"query instruction {args.query_instruction!r}, document instruction {args.document_instruction!r}, "
+            f"max lengths {args.query_max_length or args.max_seq_length or own} / "
+            f"{args.passage_max_length or args.max_seq_length or own} tokens, top {args.top_k}.")
 
 
 if __name__ == "__main__":
