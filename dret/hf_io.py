@@ -4,7 +4,8 @@ sentence-transformers folder's pooling and max length read back).
 Family-agnostic: the model's family (`dret.models`) supplies the config check, the backbone and the key table.
 No torch at run time: weights are read with `safetensors`, each tensor (or, placed on a sharding, each device's
 slice of it) when it is placed, so the host never holds them all. `pytorch_model.bin` is a pickle and is read
-whole (without torch, see `dret.torch_pickle`) only when the caller passes `allow_pickle=True`.
+whole (without torch, see `dret.torch_pickle`) only when the caller passes `allow_pickle=True`; so is a PaddleNLP
+folder's `model_state.pdparams` (see `dret.paddle_io`).
 Key mapping is strict: a checkpoint key we cannot place, or a parameter the checkpoint lacks, is an error.
 """
 
@@ -27,12 +28,13 @@ import safetensors.numpy
 import transformers
 from flax import nnx
 
-from dret import gguf_io, models
+from dret import gguf_io, models, paddle_io
 from dret.errors import DretError
 from dret.torch_pickle import load_torch_state_dict
 
 log = logging.getLogger(__name__)
 
+ST_CONFIG = "config_sentence_transformers.json"
 SAFETENSORS, SAFETENSORS_INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
@@ -67,6 +69,8 @@ def read_config(path: str) -> dict:
         return gguf_io.open_gguf(path).config
     if not os.path.isdir(path):
         raise DretError(f"model folder {path} does not exist")
+    if paddle_io.is_paddle(path):
+        return paddle_io.hf_config(read_json(paddle_io.config_file(path)), paddle_io.config_file(path))
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise DretError(f"{path} has no config.json: expected an HF model folder (config.json + model.safetensors)")
@@ -131,6 +135,9 @@ def open_weights(path: str, *, allow_pickle: bool = False) -> Weights:
         g = gguf_io.open_gguf(path)
         whole = functools.lru_cache(maxsize=1)(g.tensor)  # a parameter's device slices are read one after another
         return Weights(g.shapes, dict.fromkeys(g.shapes, path), lambda name, index: whole(name)[index])
+    if paddle_io.is_paddle(path):
+        return _in_memory(paddle_io.read_tensors(path, read_config(path), allow_pickle=allow_pickle),
+                          os.path.join(path, paddle_io.WEIGHTS))
     single, index, pickled = (os.path.join(path, n) for n in (SAFETENSORS, SAFETENSORS_INDEX, PICKLE))
     if os.path.isfile(single):
         return _open_safetensors([single])
@@ -144,9 +151,14 @@ def open_weights(path: str, *, allow_pickle: bool = False) -> Weights:
             tensors = load_torch_state_dict(pickled)
         except Exception as e:
             raise DretError(f"{pickled}: cannot read it as a PyTorch state dict ({e})") from None
-        return Weights({k: v.shape for k, v in tensors.items()}, dict.fromkeys(tensors, pickled),
-                       lambda name, index: tensors[name][index])
+        return _in_memory(tensors, pickled)
     raise DretError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+
+
+def _in_memory(tensors: dict[str, np.ndarray], file: str) -> Weights:
+    """Tensors read whole from one pickle `file`."""
+    return Weights({k: v.shape for k, v in tensors.items()}, dict.fromkeys(tensors, file),
+                   lambda name, index: tensors[name][index])
 
 
 _SAMPLES, _SAMPLE_BYTES = 64, 4096
@@ -157,7 +169,7 @@ def weights_fingerprint(path: str) -> str:
     and 64 evenly spaced 4 KiB samples. A copy matches (names and dates do not count); another model of the same
     shape, or a fine-tune of this one, does not, and gigabytes are never read."""
     names = [os.path.basename(path)] if gguf_io.is_gguf(path) else sorted(
-        n for n in os.listdir(path) if n == "config.json" or n.endswith((".safetensors", ".bin")))
+        n for n in os.listdir(path) if n in paddle_io.CONFIGS or n.endswith((".safetensors", ".bin", ".pdparams")))
     folder = os.path.dirname(path) if gguf_io.is_gguf(path) else path
     h = hashlib.sha256()
     for name in names:
@@ -193,7 +205,8 @@ def load_tokenizer(path: str, vocab_size: int):
         if os.path.isfile(os.path.join(path, name)):
             read_json(os.path.join(path, name))
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = (paddle_io.load_tokenizer(path) if paddle_io.is_paddle(path)
+                     else transformers.AutoTokenizer.from_pretrained(path))
     except Exception as e:  # transformers and tokenizers raise many types for a broken tokenizer
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
         raise DretError(f"{path}: cannot load its tokenizer ({reason})") from None
@@ -312,7 +325,20 @@ def _json_field(path: str, key: str):
     return read_json(path).get(key) if os.path.isfile(path) else None
 
 
-def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_seq_length: int) -> dict:
+def read_prompts(path: str) -> dict[str, str]:
+    """The instructions a sentence-transformers folder names in its config ({"query": ..., "document": ...}; {} when
+    none): what `encode_query` / `encode_document` prefix, and what dret.eval uses unless told otherwise."""
+    file = os.path.join(path, ST_CONFIG)
+    prompts = read_json(file).get("prompts") if os.path.isdir(path) and os.path.isfile(file) else None
+    if prompts is None:
+        return {}
+    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
+        raise DretError(f"{file}: prompts: expected an object of name -> instruction text, got {prompts!r:.80}")
+    return prompts
+
+
+def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_seq_length: int,
+                                 prompts: dict[str, str]) -> dict:
     modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
     if pooling not in modes:
         raise DretError(f"pooling {pooling!r} has no sentence-transformers equivalent; exportable: {', '.join(modes)}")
@@ -326,12 +352,14 @@ def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_se
                       "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                       "include_prompt": True, **{mode: name == pooling for name, mode in modes.items()}}
     return {"modules.json": modules, "1_Pooling/config.json": pooling_config,
-            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False}}
+            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+            ST_CONFIG: {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}}
 
 
 def save_folder(model: nnx.Module, hf_config: dict, tokenizer, out_dir: str, *, pooling: str, normalize: bool,
-           max_seq_length: int) -> None:
-    """Write an HF folder that `transformers.AutoModel` and `SentenceTransformer` load.
+                max_seq_length: int, prompts: dict[str, str]) -> None:
+    """Write an HF folder that `transformers.AutoModel` and `SentenceTransformer` load (`prompts`: the
+    instructions `encode_query` / `encode_document` prefix).
 
     Files are written to a temporary sibling and renamed into place, so a crash never leaves a half folder, and a
     failure leaves no temporary folder. An existing `out_dir` is refused, never replaced.
@@ -342,21 +370,21 @@ def save_folder(model: nnx.Module, hf_config: dict, tokenizer, out_dir: str, *, 
     staging = f"{out_dir}.tmp-{os.getpid()}"
     try:
         _write_files(model, hf_config, tokenizer, staging, pooling=pooling, normalize=normalize,
-                      max_seq_length=max_seq_length)
+                     max_seq_length=max_seq_length, prompts=prompts)
         os.rename(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_files(model: nnx.Module, hf_config: dict, tokenizer, folder: str, *, pooling: str, normalize: bool,
-                  max_seq_length: int) -> None:
+                 max_seq_length: int, prompts: dict[str, str]) -> None:
     os.makedirs(os.path.join(folder, "1_Pooling"))
     if normalize:
         os.makedirs(os.path.join(folder, "2_Normalize"))
     hf_class = models.family_of(hf_config).HF_CLASSES[hf_config["model_type"]]
     config = dict(hf_config, architectures=[hf_class], torch_dtype="float32")
     files = {"config.json": config, **_sentence_transformers_files(
-        pooling, normalize, model.config.hidden_size, max_seq_length)}
+        pooling, normalize, model.config.hidden_size, max_seq_length, prompts)}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)

@@ -34,7 +34,13 @@ def embedder_of(model: nnx.Module, hf_config: dict, tokenizer, config, dtype=jnp
               if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
     backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))
     return Embedder(backbone, tokenizer, hf_config, pooling=config.sentence_pooling_method,
-                    normalize=config.normalized, max_length=config.passage_max_len)
+                    normalize=config.normalized, max_length=config.passage_max_len, prompts=prompts_of(config))
+
+
+def prompts_of(config) -> dict[str, str]:
+    """The instructions a run trained with, by sentence-transformers role (none when empty)."""
+    return {role: text for role, text in (("query", config.query_instruction_for_retrieval),
+                                          ("document", config.passage_instruction_for_retrieval)) if text}
 
 
 def saved_steps(output_dir: str) -> list[int]:

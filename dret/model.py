@@ -46,11 +46,12 @@ class Embedder:
     """A text -> vector model: `Embedder.from_pretrained(dir).encode(texts)`."""
 
     def __init__(self, backbone, tokenizer, hf_config: dict, *, pooling: str, normalize: bool = True,
-                 max_length: int = DEFAULT_MAX_LENGTH):
+                 max_length: int = DEFAULT_MAX_LENGTH, prompts: dict[str, str] | None = None):
         if pooling not in POOLING_METHODS:
             raise DretError(f"pooling {pooling!r} is not supported; expected one of {', '.join(POOLING_METHODS)}")
         self.backbone, self.tokenizer, self.hf_config = backbone, tokenizer, hf_config
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        self.prompts = dict(prompts or {})  # role ("query", "document") -> its instruction, as sentence-transformers
         self.dim = backbone.config.hidden_size
 
     @classmethod
@@ -66,12 +67,13 @@ class Embedder:
                             f"(one of {', '.join(POOLING_METHODS)})")
         tokenizer = hf_io.load_tokenizer(path, backbone.config.vocab_size)
         max_length = min(st_max_len or DEFAULT_MAX_LENGTH, backbone.config.max_text_length)
-        return cls(backbone, tokenizer, hf, pooling=pooling, normalize=normalize, max_length=max_length)
+        return cls(backbone, tokenizer, hf, pooling=pooling, normalize=normalize, max_length=max_length,
+                   prompts=hf_io.read_prompts(path))
 
     def save(self, out_dir: str) -> None:
         """HF + sentence-transformers folder (see `hf_io.save_folder`)."""
         hf_io.save_folder(self.backbone, self.hf_config, self.tokenizer, out_dir, pooling=self.pooling,
-                     normalize=self.normalize, max_seq_length=self.max_length)
+                          normalize=self.normalize, max_seq_length=self.max_length, prompts=self.prompts)
 
     @functools.cached_property
     def forward(self):

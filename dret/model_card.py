@@ -68,9 +68,12 @@ def training_card(config, *, output_dir: str, step: int, data_files: dict[str, i
              f"{', LoRA merged into the weights' if config.fine_tune_type == 'lora' else ''}), step {step}.", "",
              "```python", "from sentence_transformers import SentenceTransformer", "",
              "model = SentenceTransformer(\"path/to/this/folder\")",
-             f"queries = model.encode([{config.query_instruction_for_retrieval + 'a question'!r}])",
-             f"passages = model.encode([{config.passage_instruction_for_retrieval + 'a passage'!r}])", "```", "",
-             "Queries and passages take the instructions they were trained with (shown above; none when empty).", "",
+             "queries = model.encode_query([\"a question\"])",
+             "passages = model.encode_document([\"a passage\"])", "```", "",
+             f"`encode_query` and `encode_document` prefix the instructions the model was trained with (the "
+             f"folder's sentence-transformers prompts; `dret.eval` uses them too): queries "
+             f"{config.query_instruction_for_retrieval!r}, passages {config.passage_instruction_for_retrieval!r}.",
+             "",
              "## Training", "",
              "| data file | rows |", "|---|---|", *[f"| {path} | {rows} |" for path, rows in data_files.items()], "",
              f"{step} steps of {config.per_device_train_batch_size} queries per device x "

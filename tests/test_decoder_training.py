@@ -191,3 +191,23 @@ def test_adapters_on_a_different_base_model_are_refused(tmp_path):
     config.max_steps = 2
     with pytest.raises(DretError, match=message):  # resuming on it
         train_and_evaluate(config)
+
+
+def test_export_carries_its_instructions_as_prompts_and_dret_eval_uses_them(repllama_run, caplog):
+    config, export, tmp = repllama_run
+    from sentence_transformers import SentenceTransformer
+
+    exported = Embedder.from_pretrained(export)
+    assert exported.prompts == {"query": "query: ", "document": "passage: "}
+    st = SentenceTransformer(export, device="cpu")
+    ours = exported.encode(TEXTS[:2], instruction="query: ", max_length=32, progress=False)
+    assert (st.encode_query(TEXTS[:2], normalize_embeddings=True) * ours).sum(1).min() >= 0.99999
+    common = ["--data", str(_beir(tmp / "beir_prompts")), "--output_folder", str(tmp / "out2"), "--no_cache"]
+    with caplog.at_level(logging.WARNING):
+        default = eval_main(["--model", export, *common])[0]
+    assert "--query_instruction 'query: ': the model's own" in caplog.text
+    explicit = eval_main(["--model", export, "--query_instruction", "query: ", "--document_instruction", "passage: ",
+                          *common])[0]
+    none = eval_main(["--model", export, "--query_instruction", "", "--document_instruction", "", *common])[0]
+    assert (default["query_instruction"], default["document_instruction"]) == ("query: ", "passage: ")
+    assert default["ndcg_at_10"] == explicit["ndcg_at_10"] and none["query_instruction"] == ""

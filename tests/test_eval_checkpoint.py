@@ -45,10 +45,10 @@ def test_lora_cache_key_covers_the_base_model_and_dtype_applies(tmp_path):
     config = tiny_config(tmp_path, model_name_or_path=str(base), fine_tune_type="lora", lora_rank=4, max_steps=1,
                          save_steps=1)
     train_and_evaluate(config)
-    load, key = model_dir.resolve(config.output_dir)
-    _, key_bf16 = model_dir.resolve(config.output_dir, dtype="bfloat16")
+    load, key, _ = model_dir.resolve(config.output_dir)
+    _, key_bf16, _ = model_dir.resolve(config.output_dir, dtype="bfloat16")
     (base / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]", "unk_token": "[UNK]"}))
-    _, key_after = model_dir.resolve(config.output_dir)
+    _, key_after, _ = model_dir.resolve(config.output_dir)
     assert len({key, key_bf16, key_after}) == 3
     assert load().backbone.dtype == jnp.float32
     assert model_dir.resolve(config.output_dir, dtype="bfloat16")[0]().backbone.dtype == jnp.bfloat16

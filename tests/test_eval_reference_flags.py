@@ -102,6 +102,7 @@ def test_dual_encoder_equals_direct_computation_and_caches_the_corpus_by_passage
     assert any(aa[m] != pytest.approx(ab[m], abs=1e-6) for m in COMPARED), "A/B must differ from A/A"
 
 
+@pytest.mark.filterwarnings("ignore:cranfield. 2 passages have empty text")
 def test_pair_on_cranfield_differs_from_one_model_and_equals_the_direct_computation(folders, shared_data, tmp_path):
     """Real data (Cranfield: 1,400 abstracts, 225 queries), two different (small, random) encoders."""
     cranfield = str(shared_data / "cranfield")

@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("model options (the reference's names)")
     m.add_argument("--pooling_method", choices=("cls", "mean", "last", "last_8"),
                    help="default: the model folder's sentence-transformers config")
-    m.add_argument("--query_instruction", default="")
-    m.add_argument("--document_instruction", default="")
+    m.add_argument("--query_instruction", help="prefix of every query (default: the model's own, see README)")
+    m.add_argument("--document_instruction", help="prefix of every passage (default: the model's own)")
     m.add_argument("--max_seq_length", type=int, help="both max lengths (default: the model's)")
     m.add_argument("--query_max_length", type=int)
     m.add_argument("--passage_max_length", type=int)
@@ -104,8 +104,16 @@ def _local_sets(args) -> list:
     return sets
 
 
-def _options(args) -> EvalOptions:
-    return EvalOptions(query_instruction=args.query_instruction, document_instruction=args.document_instruction,
+def _instruction(given: str | None, prompts: dict[str, str], role: str, flag: str) -> str:
+    """The flag's instruction, else the model's own for `role` (said in the log), else none."""
+    if given is not None or role not in prompts:
+        return given or ""
+    logging.getLogger("dret").warning("%s %r: the model's own (pass %s '' for none)", flag, prompts[role], flag)
+    return prompts[role]
+
+
+def _options(args, query_instruction: str, document_instruction: str) -> EvalOptions:
+    return EvalOptions(query_instruction=query_instruction, document_instruction=document_instruction,
                        query_max_length=args.query_max_length or args.max_seq_length,
                        passage_max_length=args.passage_max_length or args.max_seq_length,
                        eval_batch_size=args.eval_batch_size, dim=args.dim, top_k=args.top_k, index=args.index,
@@ -135,8 +143,8 @@ def _models(args) -> list[tuple[str, str]]:
 
 
 def _lazy_model(args, flag: str, path: str, step: int | None):
-    """(get_embedder: the model loaded on first use, at most once; its cache key)."""
-    load, key = model_dir.resolve(path, pooling=args.pooling_method, dtype=args.dtype, step=step,
+    """(get_embedder: the model loaded on first use, at most once; its cache key; its own instructions)."""
+    load, key, prompts = model_dir.resolve(path, pooling=args.pooling_method, dtype=args.dtype, step=step,
                                   pad_token=args.pad_token, add_bos_token=args.add_bos_token,
                                   add_eos_token=args.add_eos_token, allow_pickle=args.allow_pickle,
                                   model_type=args.model_type, flag=flag)
@@ -147,7 +155,7 @@ def _lazy_model(args, flag: str, path: str, step: int | None):
             embedder.append(load())
         return embedder[0]
 
-    return get_embedder, key
+    return get_embedder, key, prompts
 
 
 def evaluate_model(args, models: list[tuple[str, str]], step: int | None = None) -> list[dict]:
@@ -158,8 +166,9 @@ def evaluate_model(args, models: list[tuple[str, str]], step: int | None = None)
     query = _lazy_model(args, query_flag, query_path, step)
     same = os.path.realpath(query_path) == os.path.realpath(passage_path)
     passage = query if same else _lazy_model(args, passage_flag, passage_path, step)
-    (get_query, query_key), (get_passage, passage_key) = query, passage
-    opts = _options(args)
+    (get_query, query_key, query_prompts), (get_passage, passage_key, passage_prompts) = query, passage
+    opts = _options(args, _instruction(args.query_instruction, query_prompts, "query", "--query_instruction"),
+                    _instruction(args.document_instruction, passage_prompts, "document", "--document_instruction"))
     results = []
     for data in _local_sets(args):
         result = evaluate_retrieval(get_query, data, opts, query_key, get_passage_embedder=get_passage,
@@ -175,6 +184,8 @@ def evaluate_model(args, models: list[tuple[str, str]], step: int | None = None)
     for flag, names in tasks:
         results += run_mteb_tasks(get_query, names.split(","), opts, split=args.split, flag=flag,
                                   get_passage_embedder=get_passage)
+    for r in results:
+        r.update(query_instruction=opts.query_instruction, document_instruction=opts.document_instruction)
     return results
 
 
@@ -216,14 +227,15 @@ def main(argv=None) -> list[dict]:
     print(markdown_table(results))
     if args.update_model_card:
         model_card.append(models[0][1], f"Evaluation (dret.eval, split {args.split or 'default'})",
-                          markdown_table(results) + "\n\nMetrics in percent; " + _settings(args))
+                          markdown_table(results) + "\n\nMetrics in percent; " + _settings(args, results[0]))
     return results
 
 
-def _settings(args) -> str:
+def _settings(args, result: dict) -> str:
     """The options that change the numbers, as one line for a model card."""
     own = "the model's"
-    return (f"query instruction {args.query_instruction!r}, document instruction {args.document_instruction!r}, "
+    return (f"query instruction {result['query_instruction']!r}, document instruction "
+            f"{result['document_instruction']!r}, "
             f"max lengths {args.query_max_length or args.max_seq_length or own} / "
             f"{args.passage_max_length or args.max_seq_length or own} tokens, top {args.top_k}.")
 

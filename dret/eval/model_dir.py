@@ -24,7 +24,8 @@ def _tokenizer_options(embedder, pad_token, add_bos_token, add_eos_token, source
 def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, step: int | None = None,
             pad_token: str | None = None, add_bos_token: int | None = None, add_eos_token: int | None = None,
             allow_pickle: bool = False, model_type: str | None = None, flag: str = "--model"):
-    """(load() -> Embedder, cache key of the weights and every option that changes vectors); `model_type` (the
+    """(load() -> Embedder, cache key of the weights and every option that changes vectors, the model's own
+    instructions by role: its sentence-transformers prompts, or those the run trained with); `model_type` (the
     reference's flag) is checked against the model's config.json; `flag` names the path in errors."""
     if not os.path.isdir(path):
         raise DretError(f"{flag} {path} does not exist")
@@ -39,7 +40,7 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
         def load():
             return _tokenizer_options(Embedder.from_pretrained(path, pooling=pooling, dtype=dtype,
                                                                 allow_pickle=allow_pickle), *extra, path)
-        return load, cache.key(weights=cache.folder_fingerprint(path), **options)
+        return load, cache.key(weights=cache.folder_fingerprint(path), **options), hf_io.read_prompts(path)
     if os.path.isdir(os.path.join(path, inference.CHECKPOINTS)):
         steps = inference.saved_steps(path)
         step = step if step is not None else (steps[-1] if steps else None)
@@ -49,7 +50,7 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
             embedder.pooling = pooling or embedder.pooling
             return _tokenizer_options(embedder, *extra, path)
         if step not in steps:
-            return load, None  # load() says which steps there are
+            return load, None, {}  # load() says which steps there are
         config = inference.run_config(path, step)
         if model_type:
             source = resolve_model(config)
@@ -59,6 +60,6 @@ def resolve(path: str, *, pooling: str | None = None, dtype: str | None = None, 
         weights = [cache.folder_fingerprint(os.path.join(path, inference.CHECKPOINTS, str(step)))]
         weights += ([cache.folder_fingerprint(base)] if base and os.path.isdir(base) else
                     [cache.file_fingerprint(base)] if base and os.path.isfile(base) else [])  # a GGUF base
-        return load, cache.key(weights=weights, step=step, **options)
+        return load, cache.key(weights=weights, step=step, **options), inference.prompts_of(config)
     raise DretError(f"{flag} {path}: neither an HF model folder (config.json) nor a dret training output_dir "
                     "(checkpoints/)")

@@ -6,6 +6,8 @@ types, config, HF key table, LoRA module names and token conventions; `config_of
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,6 +40,19 @@ def family_of_gguf(architecture, source: str):
     supported = ", ".join(a for family in FAMILIES for a in family.GGUF_ARCHITECTURES)
     raise DretError(f"{source}: general.architecture: expected one of {supported} (supported GGUF architectures), "
                     f"got {architecture!r:.80}")
+
+
+def family_of_paddle(class_name, model_type, source: str):
+    """(family module, HF model_type) of a PaddleNLP config: by its `model_type`, or by its class name
+    (`ErnieModel`, `ErnieForSequenceClassification`, ...); a DretError naming `source` for one we do not read."""
+    for family in FAMILIES:
+        for stem, hf_type in family.PADDLE_CLASSES.items():
+            if model_type == hf_type or (isinstance(class_name, str)
+                                         and re.fullmatch(rf"{stem}(Model|For[A-Z]\w*)", class_name)):
+                return family, hf_type
+    stems = ", ".join(f"{stem}Model" for family in FAMILIES for stem in family.PADDLE_CLASSES)
+    raise DretError(f"{source}: architectures / init_class: expected a PaddleNLP class of {stems} (or their For* "
+                    f"task models), got {class_name!r:.80} (model_type {model_type!r:.40})")
 
 
 def config_of(hf: dict, source: str = "config.json"):

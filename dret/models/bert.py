@@ -7,8 +7,9 @@ to fp32 embeddings, and faster on CPUs with bf16 units (figures: `bench/RESULTS_
 the code").
 
 The family's surface for `dret.models` (the registry) and `dret.hf_io`: MODEL_TYPES and HF_CLASSES, `config_of`,
-`build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS), LORA_MODULES /
-LORA_TARGETS, TINY, and on the config `hidden_size`, `vocab_size` and `max_text_length`.
+`build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS), PaddleNLP's names
+(PADDLE_CLASSES, `from_paddle_config`, `from_paddle_name`, `from_paddle_tensor`), LORA_MODULES / LORA_TARGETS, TINY,
+and on the config `hidden_size`, `vocab_size` and `max_text_length`.
 """
 
 from __future__ import annotations
@@ -176,6 +177,48 @@ def checkpoint_prefix(names, cfg: BertConfig) -> str:
         if f"{prefix}embeddings.word_embeddings.weight" in names:
             return prefix
     return ""
+
+
+# --- PaddleNLP checkpoints (matched to paddlenlp 3.0.0b4 `transformers/{ernie,bert,roberta}/modeling.py`) ---------
+# PaddleNLP class-name stem -> HF model_type (`ErnieModel`, `ErnieForSequenceClassification`, ... are "ernie")
+PADDLE_CLASSES = {"Ernie": "ernie", "Bert": "bert", "Roberta": "roberta"}
+# PaddleNLP's config defaults where they differ from HF's (its three configs agree on these)
+_PADDLE_DEFAULTS = {"type_vocab_size": 16, "pad_token_id": 0}
+# paddle.nn.TransformerEncoderLayer's module names -> HF's (embeddings keep HF's names but `layer_norm`)
+_PADDLE_LAYER_KEYS = {
+    "self_attn.q_proj": "attention.self.query", "self_attn.k_proj": "attention.self.key",
+    "self_attn.v_proj": "attention.self.value", "self_attn.out_proj": "attention.output.dense",
+    "norm1": "attention.output.LayerNorm", "linear1": "intermediate.dense", "linear2": "output.dense",
+    "norm2": "output.LayerNorm",
+}
+_PADDLE_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2", "dense")
+_PADDLE_LAYER = re.compile(r"^(?P<prefix>.*)encoder\.layers\.(?P<i>\d+)\.(?P<module>.+)\.(?P<param>weight|bias)$")
+
+
+def from_paddle_config(paddle: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The HF config dict of a (flattened) PaddleNLP config, with PaddleNLP's defaults and the LayerNorm epsilon
+    PaddleNLP computes with."""
+    hf = {**_PADDLE_DEFAULTS, **{k: v for k, v in paddle.items() if v is not None}, "model_type": model_type}
+    if hf.get("use_task_id") and hf.get("task_id", 0) != 0:  # PaddleNLP adds task type `task_id`, HF adds type 0
+        raise DretError(f"{source}: task_id: expected 0 (the task type HF's ERNIE adds), got {hf['task_id']!r:.80}")
+    if model_type == "ernie":  # ErniePretrainedModel._init_weights sets every LayerNorm's epsilon to 1e-12
+        hf["layer_norm_eps"] = 1e-12
+    return hf
+
+
+def from_paddle_name(name: str) -> str:
+    """A PaddleNLP checkpoint name -> HF's, e.g. 'ernie.encoder.layers.3.self_attn.q_proj.weight' ->
+    'ernie.encoder.layer.3.attention.self.query.weight'; names without a counterpart are returned as they are."""
+    m = _PADDLE_LAYER.match(name)
+    if m and m["module"] in _PADDLE_LAYER_KEYS:
+        return f"{m['prefix']}encoder.layer.{m['i']}.{_PADDLE_LAYER_KEYS[m['module']]}.{m['param']}"
+    return name.replace("embeddings.layer_norm.", "embeddings.LayerNorm.")
+
+
+def from_paddle_tensor(paddle_name: str, value):
+    """A PaddleNLP tensor in HF's layout: paddle's Linear weights are [in, out], HF's [out, in]."""
+    *_, module, param = paddle_name.split(".")
+    return value.T if param == "weight" and module in _PADDLE_LINEARS and value.ndim == 2 else value
 
 
 def _dense(n_in, n_out, axes, dtype, param_dtype, rngs):

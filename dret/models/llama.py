@@ -267,6 +267,7 @@ def checkpoint_prefix(names, cfg: LlamaConfig) -> str:
 
 # --- GGUF (llama.cpp) tensor names and layout, for `dret.gguf_io` ---------------------------------------------------
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> model_type (Mistral is "llama")
+PADDLE_CLASSES = {}  # none: PaddleNLP Llama checkpoints are not read
 _GGUF_MODULES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
                  "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                  "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
