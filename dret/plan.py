@@ -1,18 +1,24 @@
 """`python -m dret.plan --config ml_configs/X.py --devices 8 --device_memory 80GiB`: will a run fit?
 
-For each stage, per-device bytes of parameters, optimizer state and gradients come from
-`jax.eval_shape` and the shardings (arithmetic), and are checked against XLA's compiled memory
-analysis on N fake CPU devices; activations are the compiled train step's temporaries less the
-gradients. No weights are read: the model is built abstractly from config.json (the run's model
-folder, or --model_config). CPU compilation stands in for the accelerator: fusion and layouts differ
-there, so treat activations as an estimate.
+For each stage, per-device bytes of the frozen and trainable parameters, optimizer state and gradients come from
+`jax.eval_shape` and the shardings (arithmetic), and are checked against XLA's compiled memory analysis on N fake
+CPU devices; activations are the compiled train step's temporaries less the gradients. No weights are read: the
+model is built abstractly from config.json (the run's model folder, or --model_config). CPU compilation stands in
+for the accelerator: fusion, layouts and attention differ there (XLA:CPU has no flash attention, and its schedule
+does not realise `recompute`'s savings: a pure-JAX stack of checkpointed layers compiles to the same temporaries
+with and without it), so treat activations as an upper bound. Models deeper than 4 layers are compiled at 2 and 4
+layers and extrapolated linearly (`plan_layers`). XLA:CPU reports no host memory: under `offload` its peak counts the optimizer state,
+which an accelerator keeps in pinned_host, as device memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,9 +32,19 @@ _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 0, "queries per step; 0 = p
 _MODEL_CONFIG = flags.DEFINE_string("model_config", "", "an HF config.json to plan from (default: the run's model)")
 flags.mark_flags_as_required(["config"])
 
+log = logging.getLogger(__name__)
 GiB = 2 ** 30
+COMPILED_LAYERS = (2, 4)  # deeper models are compiled at these depths and extrapolated (`plan_layers`)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": GiB,
          "TIB": 2 ** 40}
+
+
+def count(n: int) -> str:
+    """A parameter count for people: 6607343616 -> '6.61B', 79953920 -> '80.0M', 8704 -> '8704'."""
+    for size, unit in ((1e9, "B"), (1e6, "M")):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
 
 
 def parse_bytes(text: str) -> int:
@@ -58,8 +74,17 @@ def abstract_model(config, hf: dict):
     return nnx.eval_shape(make)
 
 
+def parameter_counts(config, hf: dict) -> tuple[int, int]:
+    """(frozen, trainable) parameter counts of the run's backbone (trainable: the LoRA adapters under lora)."""
+    import jax
+
+    _, params, frozen = abstract_model(config, hf)
+    return tuple(sum(math.prod(x.shape) for x in jax.tree.leaves(s)) for s in (frozen, params))
+
+
 def plan_stage(config, hf: dict, mesh, global_batch: int) -> dict[str, int]:
-    """Per-device bytes of one stage: arithmetic (eval_shape) and compiled figures."""
+    """Per-device bytes of one stage: arithmetic (eval_shape) and compiled figures; `host` is what XLA reports
+    in host memory for the step (0 on XLA:CPU)."""
     import jax
     import jax.numpy as jnp
 
@@ -84,21 +109,41 @@ def plan_stage(config, hf: dict, mesh, global_batch: int) -> dict[str, int]:
                                                   for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)])
 
     step = step_fn.lower(abstract_state, batch, step_config).compile().memory_analysis()
-    params_compiled = jax.jit(lambda p: p, out_shardings=shardings.params).lower(
-        abstract_state.params).compile().memory_analysis()
+    params_compiled = jax.jit(lambda p, f: (p, f), out_shardings=(shardings.params, shardings.frozen)).lower(
+        abstract_state.params, abstract_state.frozen).compile().memory_analysis()
     opt_compiled = jax.jit(tx.init, out_shardings=shardings.opt_state).lower(
         abstract_state.params).compile().memory_analysis()
     grads_bytes = bytes_per_device(grads, grad_layout)
     return {
-        "params": bytes_per_device(state.params, shardings.params) + bytes_per_device(state.frozen, shardings.frozen),
-        "params_compiled": params_compiled.argument_size_in_bytes + bytes_per_device(state.frozen, shardings.frozen),
+        "frozen": bytes_per_device(state.frozen, shardings.frozen),
+        "trainable": bytes_per_device(state.params, shardings.params),
+        "params_compiled": params_compiled.argument_size_in_bytes,
         "opt_state": bytes_per_device(state.opt_state, shardings.opt_state),
-        "opt_state_compiled": opt_compiled.output_size_in_bytes,
+        "opt_state_compiled": opt_compiled.output_size_in_bytes + opt_compiled.host_output_size_in_bytes,
         "grads": grads_bytes,
         "activations": max(step.temp_size_in_bytes - grads_bytes, 0),
         "peak": step.argument_size_in_bytes + step.temp_size_in_bytes + step.output_size_in_bytes
         - step.alias_size_in_bytes,
+        "host": step.host_argument_size_in_bytes + step.host_temp_size_in_bytes + step.host_output_size_in_bytes
+        - step.host_alias_size_in_bytes,
     }
+
+
+def with_layers(hf: dict, n: int) -> dict:
+    """The HF config cut to its first n layers."""
+    return {**hf, "num_hidden_layers": n, **({"layer_types": hf["layer_types"][:n]} if "layer_types" in hf else {})}
+
+
+def plan_layers(config, hf: dict, mesh, global_batch: int) -> dict[str, float]:
+    """`plan_stage` of the whole model; past COMPILED_LAYERS[-1] layers, compiled at COMPILED_LAYERS and
+    extrapolated linearly (every figure is a per-layer part times the layers plus a fixed part: embeddings,
+    batch, one layer's temporaries), so a 32-layer plan costs two small compiles instead of one huge one."""
+    layers = hf["num_hidden_layers"]
+    low, high = COMPILED_LAYERS
+    if layers <= high:
+        return plan_stage(config, hf, mesh, global_batch)
+    b_low, b_high = (plan_stage(config, with_layers(hf, n), mesh, global_batch) for n in (low, high))
+    return {k: b_low[k] + (b_high[k] - b_low[k]) * (layers - low) / (high - low) for k in b_low}
 
 
 def main(argv) -> None:
@@ -107,6 +152,7 @@ def main(argv) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_DEVICES.value}")
     os.environ["JAX_PLATFORMS"] = "cpu"
+    logging.getLogger("dret").setLevel(logging.INFO)  # each stage's compile time, as it finishes
     from dret.errors import run_command
 
     run_command(lambda: print(plan(_CONFIG.value, _DEVICES.value, parse_bytes(_MEMORY.value), _GLOBAL_BATCH.value,
@@ -128,20 +174,34 @@ def plan(config, devices: int, device_memory: int, global_batch: int = 0, model_
     dp = data_parallel_size(mesh)
     global_batch = global_batch or config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     offload = " offload" if "offload" in config.sharding else ""
+    frozen, trainable = parameter_counts(config, hf)
+    tuned = f"lora r{config.lora_rank}" if config.fine_tune_type == "lora" else config.fine_tune_type
     lines = [f"{devices} devices, mesh {dict(mesh.shape)}, global batch {global_batch} x group "
-             f"{config.train_group_size}, passage {config.passage_max_len}, {config.fine_tune_type}, "
-             f"{'bf16' if config.bf16 else 'fp16' if config.fp16 else 'fp32'}, device memory "
-             f"{device_memory / GiB:.1f} GiB (GiB per device; compiled figures from XLA on CPU)", "",
-             "| stage | params | (compiled) | opt state | (compiled) | grads | activations | peak (compiled step) | fits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{config.train_group_size} ({config.gradient_accumulation_steps} micro-batches), query "
+             f"{config.query_max_len} / passage {config.passage_max_len}, {tuned}: {count(frozen)} frozen + "
+             f"{count(trainable)} trainable parameters, {'bf16' if config.bf16 else 'fp16' if config.fp16 else 'fp32'}"
+             f", device memory {device_memory / GiB:.1f} GiB (GiB per device; compiled figures from XLA on CPU"
+             + (f", at {' and '.join(map(str, COMPILED_LAYERS))} layers, extrapolated to {hf['num_hidden_layers']}"
+                if hf["num_hidden_layers"] > COMPILED_LAYERS[-1] else "") + ")", "",
+             "| stage | frozen | trainable | (compiled, both) | opt state | (compiled) | grads | activations "
+             "| peak (compiled step) | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    host = 0
     for stage in STAGES:
         with config.unlocked():
             config.sharding = f"{stage}{offload}".strip()
-        b = plan_stage(config, hf, mesh, global_batch)
+        start = time.perf_counter()
+        b = plan_layers(config, hf, mesh, global_batch)
+        log.info("%s planned in %.0f s", config.sharding or "no sharding", time.perf_counter() - start)
+        host = max(host, b["host"])
         gib = {k: f"{v / GiB:.2f}" for k, v in b.items()}
-        lines.append(f"| {stage or 'none'}{offload} | {gib['params']} | {gib['params_compiled']} | {gib['opt_state']} | "
-                     f"{gib['opt_state_compiled']} | {gib['grads']} | {gib['activations']} | {gib['peak']} | "
-                     f"{'yes' if b['peak'] <= device_memory else 'no'} |")
+        lines.append(f"| {stage or 'none'}{offload} | {gib['frozen']} | {gib['trainable']} | "
+                     f"{gib['params_compiled']} | {gib['opt_state']} | {gib['opt_state_compiled']} | {gib['grads']} | "
+                     f"{gib['activations']} | {gib['peak']} | {'yes' if b['peak'] <= device_memory else 'no'} |")
+    if offload:
+        lines += ["", f"offload: the optimizer state lives in pinned_host; XLA reported {host / GiB:.2f} GiB of host "
+                  "memory for the step" + (", so the peak counts the optimizer state as device memory (at most the "
+                                           "opt state column too high)" if not host else " (not in the peak)")]
     return "\n".join(lines)
 
 
