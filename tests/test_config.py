@@ -21,10 +21,12 @@ CONFIGS = sorted(p.stem for p in pathlib.Path(ROOT, "ml_configs").glob("*.py") i
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_a_tiny_run_and_takes_a_step(name, tmp_path):
     """Each config as written (precision, sharding, recompute, LoRA, Matryoshka, group size), shrunk to a tiny
-    random model of its family on the built-in data, one query per device and short texts."""
+    random model of its family on the built-in data, one query per device, short texts and at most 2 micro-batches
+    (the scan over them compiles once, whatever their number)."""
     config = importlib.import_module(f"ml_configs.{name}").get_config()
     config.update(tiny=True, train_data="", output_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
-                  per_device_train_batch_size=1, query_max_len=16, passage_max_len=32, max_steps=1)
+                  per_device_train_batch_size=1, query_max_len=16, passage_max_len=32, max_steps=1,
+                  gradient_accumulation_steps=min(config.gradient_accumulation_steps, 2))
     run = new_run(config)
     batch = {k: jax.make_array_from_process_local_data(batch_sharding(run.mesh), v)
              for k, v in next(iter(run.data.batches(1))).items()}

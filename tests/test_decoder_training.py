@@ -101,14 +101,21 @@ def _place(run, batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding(run.mesh), v) for k, v in batch.items()}
 
 
-def test_only_lora_variables_change(tmp_path):
-    config = tiny_config(tmp_path, model_name_or_path="", model_type="llama", fine_tune_type="lora", lora_rank=4,
-                         sentence_pooling_method="last",
+@pytest.fixture(scope="module")
+def lora_llama(tmp_path_factory):
+    """A tiny random Llama with LoRA (no dropout: the padding test embeds without an rng), last-token pooling and
+    EOS, on the built-in data."""
+    config = tiny_config(tmp_path_factory.mktemp("lora_llama"), model_name_or_path="", model_type="llama",
+                         fine_tune_type="lora", lora_rank=4, lora_dropout=0.0, sentence_pooling_method="last",
                          add_eos_token=1, learning_rate=1e-2, warmup_steps=0)
-    run = new_run(config)
+    return config, new_run(config)
+
+
+def test_only_lora_variables_change(lora_llama):
+    _, run = lora_llama
     frozen_before = jax.tree.map(np.asarray, run.state.frozen)
     params_before = jax.tree.map(np.asarray, run.state.params)
-    state = run.state
+    state = jax.tree.map(lambda x: x.copy(), run.state)  # the step donates its input: keep the fixture's
     for batch in run.data.batches(2):
         state, metrics = run.step_fn(state, _place(run, batch), run.step_config)
         assert not int(metrics["skipped"])
@@ -120,15 +127,17 @@ def test_only_lora_variables_change(tmp_path):
                                             state.frozen)))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "bert"])
-def test_left_and_right_padding_give_the_same_vectors(tmp_path, model_type):
-    """The training path (`train_step.embed`) on batches padded on either side (dropout off: its masks follow the
-    token's place in the row)."""
-    config = tiny_config(tmp_path, model_name_or_path="", model_type=model_type, sentence_pooling_method="last")
-    run = new_run(config)
+def _left_padded(config, run):
+    """The run's first batch again, padded on the left."""
     left = TrainData(resolve_train_data(config), run.tokenizer, global_batch_size=run.global_batch, group_size=2,
                      query_max_len=16, passage_max_len=32, padding_side="left", cache_dir=config.data_cache_dir)
-    batch_right, batch_left = run.data.batch(0, 0), left.batch(0, 0)
+    return left.batch(0, 0)
+
+
+def _assert_same_vectors_either_side(config, run):
+    """The training path (`train_step.embed`) on batches padded on either side (dropout off: its masks follow the
+    token's place in the row)."""
+    batch_right, batch_left = run.data.batch(0, 0), _left_padded(config, run)
     assert (batch_left["query_mask"][:, 0] == 0).any() and (batch_right["query_mask"][:, -1] == 0).any()
     model = nnx.merge(run.step_config.graphdef, run.state.params, run.state.frozen)
     for side in ("query", "passage"):  # the same tokens, moved to the other end of each row
@@ -137,6 +146,15 @@ def test_left_and_right_padding_give_the_same_vectors(tmp_path, model_type):
         v_right, v_left = (embed(model, b[f"{side}_ids"], b[f"{side}_mask"], None, run.step_config)
                            for b in (batch_right, batch_left))
         np.testing.assert_allclose(np.asarray(v_left), np.asarray(v_right), rtol=1e-5, atol=1e-6)
+
+
+def test_left_and_right_padding_give_the_same_vectors_llama(lora_llama):
+    _assert_same_vectors_either_side(*lora_llama)
+
+
+def test_left_and_right_padding_give_the_same_vectors_bert(tmp_path):
+    config = tiny_config(tmp_path, sentence_pooling_method="last")
+    _assert_same_vectors_either_side(config, new_run(config))
 
 
 def test_pad_token_falls_back_to_eos_and_says_so(caplog):

@@ -111,10 +111,12 @@ def test_stage3_bytes_per_device_shrink_by_the_fsdp_factor(tiny):
 def test_plan_compiled_memory_agrees_with_eval_shape(tiny):
     config, run, *_ = tiny
     figures = plan_stage(config, resolve_model(config).hf, run.mesh, run.global_batch)
-    assert figures["params"] == bytes_per_device(run.state.params, jax.tree.map(lambda x: x.sharding, run.state.params))
-    for name in ("params", "opt_state"):
-        assert abs(figures[f"{name}_compiled"] - figures[name]) <= 0.1 * figures[name], figures
-    assert figures["grads"] == figures["params"]  # float32, split 8 ways like the parameters
+    assert figures["trainable"] == bytes_per_device(run.state.params,
+                                                    jax.tree.map(lambda x: x.sharding, run.state.params))
+    assert figures["frozen"] == 0  # sft: everything trains
+    assert abs(figures["params_compiled"] - figures["trainable"]) <= 0.1 * figures["trainable"], figures
+    assert abs(figures["opt_state_compiled"] - figures["opt_state"]) <= 0.1 * figures["opt_state"], figures
+    assert figures["grads"] == figures["trainable"]  # float32, split 8 ways like the parameters
     assert 0 < figures["activations"] < figures["peak"]
 
 
