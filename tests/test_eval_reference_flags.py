@@ -104,12 +104,18 @@ def test_dual_encoder_equals_direct_computation_and_caches_the_corpus_by_passage
 
 @pytest.mark.filterwarnings("ignore:cranfield. 2 passages have empty text")
 def test_pair_on_cranfield_differs_from_one_model_and_equals_the_direct_computation(folders, shared_data, tmp_path):
-    """Real data (Cranfield: 1,400 abstracts, 225 queries), two different (small, random) encoders."""
+    """Real data (Cranfield: 1,400 abstracts, 225 queries), two different (small, random) encoders, and the
+    reference's MTEB command on it (the local copy under the task's name) equal to its T2Ranking one."""
     cranfield = str(shared_data / "cranfield")
     ab, aa = _pair(folders, "a", "b", tmp_path, data=cranfield), _pair(folders, "a", "a", tmp_path, data=cranfield)
     direct = _direct(folders, cranfield)
     assert {m: ab[m] for m in COMPARED} == pytest.approx({m: direct[m] for m in COMPARED}, abs=1e-6)
     assert all(aa[m] != pytest.approx(ab[m], abs=1e-4) for m in COMPARED), (aa, ab)
+    mteb_command, = eval_main(["--base_model_name_or_path", folders["a"], "--output_folder", str(tmp_path / "A"),
+                               "--task_name", "Cranfield", "--eval_batch_size", "8", "--max_seq_length", "512",
+                               "--task_split", "test", "--data", cranfield, "--cache_dir", str(tmp_path / "cache")])
+    assert mteb_command["dataset"] == "Cranfield" and mteb_command["num_queries"] == aa["num_queries"] == 225
+    assert {m: mteb_command[m] for m in COMPARED} == {m: aa[m] for m in COMPARED}  # the reference's two commands
 
 
 def test_mteb_scores_the_pair_like_the_direct_computation(folders):
