@@ -30,7 +30,9 @@ def test_lora_counts(config):
 
 
 def test_deep_model_extrapolated_from_2_and_4_layers_equals_its_compile(config):
-    mesh = make_mesh(1, -1, 1, devices=jax.devices()[:2])
+    config.fine_tune_type, config.bf16, config.sharding = "sft", False, ""  # the cheapest step to compile
+    config.negatives_cross_device, config.train_group_size = False, 2
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     compiled = plan.plan_stage(config, LLAMA, mesh, 2)
     extrapolated = plan.plan_layers(config, LLAMA, mesh, 2)
     for key, value in compiled.items():
