@@ -175,13 +175,20 @@ def unpacked(embedder, oracle):
 
 
 @needs_smollm2
-def test_smollm2_oracle_agrees_with_itself_across_paddings(oracle):
+def test_smollm2_matches_transformers_on_both_paddings_packed_and_unpacked(embedder, oracle, unpacked):
+    """One test, so that one worker builds the oracle: the oracle agrees with itself across paddings; per padding
+    side, hidden states and unpacked last-token vectors; packed vectors against both sides."""
     _assert_cosine(oracle["last"]["left"], oracle["last"]["right"], "transformers left vs right padding")
+    for side in SIDES:
+        _check_hidden_states(embedder, oracle, unpacked, side)
+        _assert_cosine(unpacked[side][1], oracle["last"][side], f"unpacked, {side} padding")
+    assert embedder.max_length == 512 and embedder.tokenize(TEXTS, 512) == oracle["ids"]  # transformers' ids
+    ours = embedder.encode(TEXTS, progress=False)
+    for side in SIDES:
+        _assert_cosine(ours, oracle["last"][side], f"packed vs transformers {side} padding")
 
 
-@needs_smollm2
-@pytest.mark.parametrize("side", SIDES)
-def test_smollm2_hidden_states_match_transformers(embedder, oracle, unpacked, side):
+def _check_hidden_states(embedder, oracle, unpacked, side):
     assert embedder.hf_config["model_type"] == "llama" and embedder.backbone.config.num_key_value_heads == 3
     real = [mask_bt.astype(bool) for _, _, mask_bt, _ in oracle["batches"][side]]
     theirs = np.concatenate([h_btd[r] for (*_, h_btd), r in zip(oracle["batches"][side], real)])
@@ -190,20 +197,6 @@ def test_smollm2_hidden_states_match_transformers(embedder, oracle, unpacked, si
     print(f"{side} padding: max abs err {err.max():.3g}, max |h| {np.abs(theirs).max():.3g}, "
           f"max rel err (|h| > 1) {(err / np.abs(theirs))[np.abs(theirs) > 1].max():.3g}")
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
-
-
-@needs_smollm2
-@pytest.mark.parametrize("side", SIDES)
-def test_smollm2_unpacked_last_token_embeddings_match_transformers(oracle, unpacked, side):
-    _assert_cosine(unpacked[side][1], oracle["last"][side], f"unpacked, {side} padding")
-
-
-@needs_smollm2
-def test_smollm2_packed_last_token_embeddings_match_transformers(embedder, oracle):
-    assert embedder.max_length == 512 and embedder.tokenize(TEXTS, 512) == oracle["ids"]  # transformers' ids
-    ours = embedder.encode(TEXTS, progress=False)
-    for side in SIDES:
-        _assert_cosine(ours, oracle["last"][side], f"packed vs transformers {side} padding")
 
 
 def _write_llama(path: str, tensors: dict[str, np.ndarray], *, architecture: str = "llama", heads: int = 2,
