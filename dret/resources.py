@@ -94,18 +94,18 @@ def build_backbone(source: ModelSource, config, *, dtype, param_dtype, shardings
     return model
 
 
-def base_fingerprint(source: ModelSource) -> str | None:
-    """`hf_io.weights_fingerprint` of the model whose weights a LoRA or bitfit checkpoint leaves out (None when tiny:
-    its weights are random, from the seed)."""
-    return None if source.tiny else hf_io.weights_fingerprint(source.folder)
+def base_fingerprint(source: ModelSource, config) -> str | None:
+    """`hf_io.weights_fingerprint` of the model whose weights a LoRA or bitfit checkpoint leaves out; None when the
+    checkpoint holds every weight (sft) or the base is random (tiny: from the seed)."""
+    return None if source.tiny or config.fine_tune_type == "sft" else hf_io.weights_fingerprint(source.folder)
 
 
 def check_base(saved: str | None, source: ModelSource, config, checkpoint: str) -> None:
     """A DretError when `checkpoint` (a LoRA or bitfit one, which holds only what trained) was trained on a base
-    whose fingerprint `saved` differs from `source`'s now; checkpoints saved without one pass."""
+    whose fingerprint `saved` differs from `source`'s now; checkpoints saved without one (sft, tiny) pass."""
     if saved is None or config.fine_tune_type == "sft":
         return
-    now = base_fingerprint(source)
+    now = base_fingerprint(source, config)
     if now != saved:
         raise DretError(f"{checkpoint}: its {config.fine_tune_type} weights were trained on a different base model "
                         f"than {source.folder} holds now (fingerprint {saved[:12]}, now {str(now)[:12]}): expected "

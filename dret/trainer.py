@@ -75,7 +75,7 @@ def _train(config, source: ModelSource, evaluators: tuple[Evaluator, ...], is_ma
 
     sharding = batch_sharding(run.mesh)
     logs = MetricsLog(output_dir, start_step=start_step, total_steps=total_steps, enabled=is_main)
-    base_model = base_fingerprint(source)
+    base_model = base_fingerprint(source, config)  # what a LoRA or bitfit checkpoint leaves out
     meta = lambda: {"data": data.state(), "config": config.to_dict(), "base_model": base_model}  # noqa: E731
 
     stop = {"signal": None}
