@@ -9,11 +9,11 @@ import jax
 import optax
 
 from dret import output_dir as run_folder
-from dret import peft
+from dret import models, peft
 from dret.config_check import validate
 from dret.data import TrainData
 from dret.flops import ModelFlops
-from dret.resources import ModelSource, build_backbone, resolve_train_data, tokenizer_of
+from dret.resources import ModelSource, build_backbone, resolve_train_data, tokenizer_of, with_tokens_of
 from dret.sharding import data_parallel_size, make_mesh, param_axes, parse_sharding, state_shardings
 from dret.train_step import StepConfig, TrainState, create_state, make_optimizer, make_step, precision
 
@@ -44,6 +44,7 @@ def _tokenizer_and_data(config, source: ModelSource, mesh) -> tuple[object, int,
         query_max_len=config.query_max_len, passage_max_len=config.passage_max_len,
         query_instruction=config.query_instruction_for_retrieval,
         passage_instruction=config.passage_instruction_for_retrieval, padding_side=config.padding_side,
+        prompt_format=config.prompt_format, pool_instruction=not models.masks_instruction(source.hf),
         max_example_num_per_dataset=config.max_example_num_per_dataset, seed=config.seed,
         skip_bad_rows=config.skip_bad_rows, cache_dir=config.data_cache_dir or None,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -57,12 +58,12 @@ def check_run(config) -> str:
     entries = run_folder.check(config.output_dir, config.overwrite_output_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     _, global_batch, data = _tokenizer_and_data(config, source, mesh)
-    hf = source.hf
+    hf, text = source.hf, models.text_config(source.hf)
     folder = ("cleared first (overwrite_output_dir)" if config.overwrite_output_dir and entries else
               "resumed" if run_folder.RUN_MARKER in entries else "a new run")
     return (f"dry run: {len(data)} training rows -> {data.total_steps(config.num_train_epochs, config.max_steps)} "
             f"steps of {global_batch} queries x group {config.train_group_size} on mesh {dict(mesh.shape)}; model "
-            f"{hf['model_type']} {hf['num_hidden_layers']} x {hf['hidden_size']}; output_dir {config.output_dir}: "
+            f"{hf['model_type']} {text['num_hidden_layers']} x {text['hidden_size']}; output_dir {config.output_dir}: "
             f"{folder}")
 
 
@@ -72,6 +73,7 @@ def build_run(config, source: ModelSource, devices=None) -> Run:
     planned shardings (stage3: each device reads its slice only)."""
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     tokenizer, global_batch, data = _tokenizer_and_data(config, source, mesh)  # a bad row stops the run first
+    source = with_tokens_of(source, tokenizer)
     dtype, param_dtype = precision(config)
     fsdp_axes = param_axes(parse_sharding(config.sharding)[0])
     backbone = build_backbone(source, config, dtype=dtype, param_dtype=param_dtype,
@@ -81,7 +83,7 @@ def build_run(config, source: ModelSource, devices=None) -> Run:
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)
     tx, schedule = make_optimizer(config, total_steps)
     state, shardings = create_state(params, frozen, tx, mesh, config)
-    step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, hf_config["hidden_size"])
+    step_config, step_fn = make_step(config, graphdef, tx, mesh, params, shardings, backbone.config.hidden_size)
     return Run(mesh=mesh, state=state, step_fn=step_fn, step_config=step_config, schedule=schedule, data=data,
                total_steps=total_steps, global_batch=global_batch, hf_config=hf_config, tokenizer=tokenizer,
                model_flops=ModelFlops.of(backbone, hf_config))

@@ -16,6 +16,7 @@ from dret.demo_data import BUILTIN_TRAIN_DATA
 from dret.errors import DretError, run_command
 from dret.peft import FINE_TUNE_TYPES
 from dret.pooling import POOLING_METHODS
+from dret.prompts import FORMATS
 from dret.resources import ModelSource, model_dir, resolve_model
 from dret.sharding import parse_sharding
 from dret.tokens import PAD_TOKENS, PADDING_SIDES
@@ -97,6 +98,7 @@ def validate(config) -> ModelSource:
     _require(c.fine_tune_type in FINE_TUNE_TYPES, f"fine_tune_type={c.fine_tune_type!r}: expected one of {FINE_TUNE_TYPES}")
     _require(c.sentence_pooling_method in POOLING_METHODS,
              f"sentence_pooling_method={c.sentence_pooling_method!r}: expected one of {POOLING_METHODS}")
+    _require(c.prompt_format in ("", *FORMATS), f"prompt_format={c.prompt_format!r}: expected one of {FORMATS} or \"\"")
     _require(not (c.fp16 and c.bf16), "fp16 and bf16 are both set: choose one")
     _require(c.fp16_opt_level in ("O0", "O1", "O2"), f"fp16_opt_level={c.fp16_opt_level!r}: expected O0, O1 or O2")
     for names, in_range, expected in NUMBER_RULES:
@@ -138,6 +140,10 @@ def validate(config) -> ModelSource:
         modules = models.family_of(hf).LORA_MODULES
         unknown = sorted(set(c.lora_target_modules) - set(modules))
         _require(not unknown, f"lora_target_modules {unknown} are not modules of the encoder ({modules})")
+    latent_model = models.family_of(hf) is models.nvembed
+    _require((c.sentence_pooling_method == "latent") == latent_model,
+             f"sentence_pooling_method={c.sentence_pooling_method!r} with a {hf['model_type']} model: latent pooling "
+             "is NV-Embed's block (model_type nvembed), and an NV-Embed model pools with it")
     model = models.config_of(hf)
     hidden, positions = model.hidden_size, model.max_text_length
     if c.use_matryoshka and not c.tiny:

@@ -17,16 +17,21 @@ or with `skip_bad_rows=True` is skipped and counted in the log.
 
 A group is 1 positive (a random one of `pos`) + group_size-1 negatives (without replacement when
 `neg` has enough, else drawn from `neg` repeated, as the reference does); a row with an empty `neg`
-takes other rows' positives instead. Instructions are plain prefixes. Sequences are truncated on the
-right (a text is first cut to a character bound, see MAX_CHARS_PER_TOKEN) and padded to query_max_len /
-passage_max_len on `padding_side` (right by default; the model and pooling read either).
+takes other rows' positives instead. Texts become token ids in `prompt_format` (`dret.prompts`: plain, where
+instructions are prefixes, bge_icl or llara), truncated on the right (a text is first cut so that instruction +
+text is at most a character bound, see MAX_CHARS_PER_TOKEN) and padded to query_max_len / passage_max_len on
+`padding_side` (right by default; the model and pooling read either). bge_icl gives each query k in-context
+examples, k uniform in `examples_per_query` (inclusive), each another row of the same file (never the row itself):
+(query instruction, its query, a random one of its positives).
 
 Batches are numpy dicts: query_ids/query_mask [b, Lq] and passage_ids/passage_mask [b*G, Lp] int32,
+query_pool_from [b] and passage_pool_from [b*G] int32 (each text's leading tokens left out of pooling: the
+instruction's `dret.prompts.instruction_length` with `pool_instruction=False`, as NV-Embed, else 0),
 query i's group at passage rows i*G..i*G+G-1 (positive first), where b = global_batch_size /
 process_count: process p gets rows [p*b, (p+1)*b) of each global batch. Epoch e's order is a
-permutation drawn from (seed, e), and each example's sampling from (seed, e, its position in the
-epoch), so a batch depends only on (seed, epoch, step): `state()` / `restore()` carry that position and
-a resumed iterator yields exactly the batches an uninterrupted one would, on any process count. The
+permutation drawn from (seed, e), and each example's sampling (its group and bge_icl examples) from (seed, e,
+its position in the epoch), so a batch depends only on (seed, epoch, step): `state()` / `restore()` carry that
+position and a resumed iterator yields exactly the batches an uninterrupted one would, on any process count. The
 last partial batch of an epoch is dropped. Tokenisation runs on a background thread that keeps a
 bounded queue of ready batches.
 """
@@ -48,6 +53,7 @@ import datasets
 import numpy as np
 from datasets.arrow_writer import ArrowWriter
 
+from dret import prompts
 from dret.errors import DretError
 from dret.tokens import PADDING_SIDES, check_instruction
 
@@ -60,8 +66,8 @@ FEATURES = datasets.Features({
 })
 CACHE_VERSION = 2  # bump when the cached layout or validation rules change
 SKIP_HINT = " (set skip_bad_rows=True to skip bad rows)"
-# Texts are cut to max_len * MAX_CHARS_PER_TOKEN characters before tokenising: a fast tokenizer encodes the
-# whole text and only then truncates, so a 50 MB row would cost gigabytes. A token spans about 4 characters
+# Instruction + text is cut to max_len * MAX_CHARS_PER_TOKEN characters before tokenising: a fast tokenizer
+# encodes the whole text and only then truncates, so a 50 MB row would cost gigabytes. A token spans about 4 characters
 # of English, 1-2 of CJK; the cut changes the ids only for text whose first max_len tokens span more than
 # 64 characters each on average (long runs of whitespace or of one unbroken word).
 MAX_CHARS_PER_TOKEN = 64
@@ -234,6 +240,9 @@ class TrainData:
         query_instruction: str = "",
         passage_instruction: str = "",
         padding_side: str = "right",
+        prompt_format: str = "",
+        pool_instruction: bool = True,
+        examples_per_query: tuple[int, int] = (0, 5),
         max_example_num_per_dataset: int = 100_000_000,
         seed: int = 42,
         skip_bad_rows: bool = False,
@@ -252,6 +261,16 @@ class TrainData:
             raise DretError(f"padding_side={padding_side!r}: expected one of {', '.join(PADDING_SIDES)}")
         check_instruction(tokenizer, query_instruction, query_max_len, "query_instruction_for_retrieval")
         check_instruction(tokenizer, passage_instruction, passage_max_len, "passage_instruction_for_retrieval")
+        if not 0 <= examples_per_query[0] <= examples_per_query[1]:
+            raise DretError(f"examples_per_query={examples_per_query}: expected (low, high) with 0 <= low <= high")
+        self.prompt_format, self.examples_per_query = prompt_format or "plain", examples_per_query
+        for role, instruction, max_len in (("query", query_instruction, query_max_len),
+                                           ("passage", passage_instruction, passage_max_len)):
+            # bad settings (format, an instruction with llara, a max length too short) fail here, not on the loader
+            prompts.encode(self.prompt_format, tokenizer, [""], role=role, max_length=max_len, instruction=instruction)
+        self.query_pool_from, self.passage_pool_from = (0, 0) if pool_instruction else (
+            prompts.instruction_length(tokenizer, query_instruction),
+            prompts.instruction_length(tokenizer, passage_instruction))
         self.global_batch_size, self.group_size, self.seed = global_batch_size, group_size, seed
         self.query_max_len, self.passage_max_len = query_max_len, passage_max_len
         self.query_instruction, self.passage_instruction = query_instruction, passage_instruction
@@ -260,7 +279,7 @@ class TrainData:
         self._tokenizer.padding_side, self._tokenizer.truncation_side = padding_side, "right"
 
         cache_dir = cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "dret_train")
-        parts, row_ids, offset, empty_neg = [], [], 0, 0
+        parts, row_ids, offset, empty_neg, file_starts = [], [], 0, 0, []
         self.files = {}  # path -> rows kept
         for k, path in enumerate(jsonl_files(train_data)):
             rows, meta = load_rows(path, cache_dir, skip_bad_rows)
@@ -269,12 +288,14 @@ class TrainData:
                 cut_rng = np.random.default_rng([seed, 0, k])
                 ids = np.sort(cut_rng.choice(len(rows), max_example_num_per_dataset, replace=False))
             parts.append(rows)
+            file_starts.append(sum(self.files.values()))  # this file's first position in _row_ids
             self.files[path] = len(ids)
             row_ids.append(ids + offset)
             offset += len(rows)
             empty_neg += meta["empty_neg_rows"]
         self.rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]  # memory-mapped Arrow
         self._row_ids = np.concatenate(row_ids)  # [rows] indices into self.rows
+        self._file_starts = np.array(file_starts + [len(self._row_ids)])  # [files + 1] each file's rows in _row_ids
         self.steps_per_epoch = len(self) // global_batch_size
         if not self.steps_per_epoch:
             raise DretError(
@@ -343,16 +364,21 @@ class TrainData:
         positions = range(first, first + local)
         ids = self._row_ids[self._permutation(epoch)[first:first + local]]
         rows = self.rows[ids.tolist()]
-        queries, passages = [], []
+        queries, passages, examples = [], [], []
         for k, position in enumerate(positions):
             rng = np.random.default_rng([self.seed, 2, epoch, position])
-            queries.append(self.query_instruction + rows["query"][k])
-            group = self._group(rng, rows["pos"][k], rows["neg"][k], ids[k])
-            passages.extend(self.passage_instruction + p for p in group)
-        query_ids, query_mask = self._tokenize(queries, self.query_max_len)
-        passage_ids, passage_mask = self._tokenize(passages, self.passage_max_len)
+            queries.append(rows["query"][k])
+            passages.extend(self._group(rng, rows["pos"][k], rows["neg"][k], ids[k]))
+            if self.prompt_format == "bge_icl":  # drawn after the group: the other formats' draws stay as they were
+                examples.append(self._examples(rng, self._permutation(epoch)[position]))
+        query_ids, query_mask = self._tokenize(queries, "query", self.query_max_len, self.query_instruction,
+                                               examples or None)
+        passage_ids, passage_mask = self._tokenize(passages, "passage", self.passage_max_len,
+                                                   self.passage_instruction)
         return {"query_ids": query_ids, "query_mask": query_mask,
-                "passage_ids": passage_ids, "passage_mask": passage_mask}
+                "passage_ids": passage_ids, "passage_mask": passage_mask,
+                "query_pool_from": np.full(len(queries), self.query_pool_from, np.int32),
+                "passage_pool_from": np.full(len(passages), self.passage_pool_from, np.int32)}
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
@@ -373,8 +399,26 @@ class TrainData:
                 group.append(other_pos[rng.integers(len(other_pos))])
         return group
 
-    def _tokenize(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        texts = [text[:max_len * MAX_CHARS_PER_TOKEN] for text in texts]
-        enc = self._tokenizer(texts, max_length=max_len, truncation=True, padding="max_length",
-                              return_tensors="np", return_token_type_ids=False)
-        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    def _examples(self, rng: np.random.Generator, index: int) -> list[str]:
+        """bge_icl in-context examples for the row at `index` of _row_ids: other rows of its file."""
+        f = np.searchsorted(self._file_starts, index, side="right") - 1
+        start, n = self._file_starts[f], self._file_starts[f + 1] - self._file_starts[f]
+        k = min(int(rng.integers(self.examples_per_query[0], self.examples_per_query[1] + 1)), n - 1)
+        j = rng.choice(n - 1, k, replace=False)
+        j += j >= index - start  # skip the row itself
+        others = self.rows[self._row_ids[start + j].tolist()]
+        return [prompts.format_example(self.query_instruction, query, pos[rng.integers(len(pos))])
+                for query, pos in zip(others["query"], others["pos"])]
+
+    def _tokenize(self, texts: list[str], role: str, max_len: int, instruction: str,
+                  examples: list[list[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Texts -> ids and mask [n, max_len] int32, padded on padding_side."""
+        bound = max(max_len * MAX_CHARS_PER_TOKEN - len(instruction), 0)
+        ids = prompts.encode(self.prompt_format, self._tokenizer, [text[:bound] for text in texts], role=role,
+                             max_length=max_len, instruction=instruction, examples=examples)
+        ids_nl = np.full((len(ids), max_len), self._tokenizer.pad_token_id, np.int32)
+        mask_nl = np.zeros((len(ids), max_len), np.int32)
+        for i, row in enumerate(ids):
+            cols = slice(0, len(row)) if self._tokenizer.padding_side == "right" else slice(max_len - len(row), None)
+            ids_nl[i, cols], mask_nl[i, cols] = row, 1
+        return ids_nl, mask_nl

@@ -31,8 +31,8 @@ class DualEncoder:
 
     def encode_queries(self, texts: list[str], **options) -> np.ndarray:
         """Queries -> float32 [N, d] with the query encoder; options: Embedder.encode's."""
-        return self.query.encode(texts, **options)
+        return self.query.encode(texts, role="query", **options)
 
     def encode_corpus(self, texts: list[str], **options) -> np.ndarray:
         """Passages -> float32 [N, d] with the passage encoder; options: Embedder.encode's."""
-        return self.passage.encode(texts, **options)
+        return self.passage.encode(texts, role="passage", **options)

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dret import models
+
 # Dense bf16 peak FLOP/s per chip, matched by a substring of jax's `device_kind` (first match wins).
 PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("TPU v6", 918e12),
              ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12))
@@ -29,9 +31,10 @@ class ModelFlops:
     @classmethod
     def of(cls, model: nnx.Module, hf_config: dict) -> "ModelFlops":
         kernels = [v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-                   if len(v.shape) == 2 and path[-1] != "embedding" and not isinstance(v, nnx.LoRAParam)]
-        return cls(sum(int(np.prod(v.shape)) for v in kernels), hf_config["num_hidden_layers"],
-                   hf_config["hidden_size"])
+                   if len(v.shape) == 2 and path[-1] not in ("embedding", "added_embeddings")
+                   and not isinstance(v, nnx.LoRAParam)]
+        text = models.text_config(hf_config)
+        return cls(sum(int(np.prod(v.shape)) for v in kernels), text["num_hidden_layers"], text["hidden_size"])
 
     def of_texts(self, lengths: np.ndarray) -> float:
         """Model FLOPs of one training step (forward and backward) over texts of these real lengths."""

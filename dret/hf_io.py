@@ -30,11 +30,14 @@ from flax import nnx
 
 from dret import gguf_io, models, paddle_io
 from dret.errors import DretError
+from dret.models import added_tokens
 from dret.torch_pickle import load_torch_state_dict
 
 log = logging.getLogger(__name__)
 
 ST_CONFIG = "config_sentence_transformers.json"
+# pooling dret has and sentence-transformers has not -> what sentence-transformers' nearest Pooling module computes
+ST_STAND_IN_POOLING = {"latent": "mean", "last_8": "last"}
 SAFETENSORS, SAFETENSORS_INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
@@ -223,7 +226,8 @@ def load_model(path: str, *, hf: dict | None = None, dtype=jnp.float32, param_dt
 
     `shardings` (abstract nnx.State -> the matching tree of NamedShardings, e.g. `dret.sharding.state_shardings`)
     places each parameter straight onto its sharding, each device's slice read on its own; None puts every
-    parameter whole on the default device.
+    parameter whole on the default device. Rows for tokens past vocab_size (`hf["added_tokens"]`, which the
+    folder does not hold) start as the mean of the folder's rows (`dret.models.added_tokens`).
     """
     hf = hf or read_config(path)
     family, cfg = models.family_of(hf), models.config_of(hf)
@@ -233,7 +237,8 @@ def load_model(path: str, *, hf: dict | None = None, dtype=jnp.float32, param_dt
     graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build(
         hf, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(state)
-    expected = {family.hf_name(p): p for p, _ in flat}
+    new_rows = added_tokens.rows_path(family.VOCAB_TABLE)
+    expected = {family.hf_name(p): p for p, _ in flat if p != new_rows}
     unused = sorted(k for k in names if k not in expected and family.UNUSED_KEYS.match(k))
     unexpected = sorted(k for k in names if k not in expected and k not in unused)
     missing = sorted(k for k in expected if k not in names)
@@ -245,15 +250,23 @@ def load_model(path: str, *, hf: dict | None = None, dtype=jnp.float32, param_dt
     if unused:
         log.info("%s: skipping %d keys embeddings do not use (%s...)", path, len(unused), unused[0])
     for p, var in flat:
+        if p == new_rows:
+            continue
         name, implied = names[family.hf_name(p)], _hf_layout(family, p, var.shape)
         if weights.shapes[name] != implied:
             raise DretError(f"{source}: {family.hf_name(p)} has shape {weights.shapes[name]}, config.json implies "
                             f"{implied}")
     placements = dict(nnx.to_flat_state(shardings(state))) if shardings is not None else None
+    values = dict(flat)
     for p, var in flat:
+        if p == new_rows:
+            continue
         read = functools.partial(_read_param, weights, names[family.hf_name(p)], family.transposed(p), var.dtype)
         var.set_value(jnp.asarray(read((slice(None),) * len(var.shape))) if placements is None
                       else jax.make_array_from_callback(var.shape, placements[p], read))
+    if new_rows in values:
+        rows = added_tokens.initial_rows(values[family.VOCAB_TABLE].get_value(), values[new_rows].shape[0])
+        values[new_rows].set_value(rows if placements is None else jax.device_put(rows, placements[new_rows]))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), hf
 
 
@@ -299,6 +312,7 @@ def read_sentence_transformers(path: str) -> tuple[str | None, int | None]:
         # sentence-transformers 6 keeps it as the tokenizer's model_max_length (huge where unlimited)
         tokenizer_max = _json_field(os.path.join(path, "tokenizer_config.json"), "model_max_length")
         max_len = max_len or (tokenizer_max if _is_positive_int(tokenizer_max) else None)
+    pooling = read_dret_settings(path).get("pooling", pooling)  # what sentence-transformers cannot say
     return pooling, (max_len if max_len and max_len < 1_000_000 else None)
 
 
@@ -337,9 +351,37 @@ def read_prompts(path: str) -> dict[str, str]:
     return prompts
 
 
+def read_dret_settings(path: str) -> dict:
+    """What dret wrote under "dret" in a folder's sentence-transformers config ({} when nothing): the pooling and the
+    prompt_format, which sentence-transformers has no field for."""
+    file = os.path.join(path, ST_CONFIG)
+    settings = read_json(file).get("dret", {}) if os.path.isdir(path) and os.path.isfile(file) else {}
+    if not (isinstance(settings, dict) and all(isinstance(settings.get(k, ""), str)
+                                               for k in ("pooling", "prompt_format"))):
+        raise DretError(f"{file}: dret: expected an object with string pooling and prompt_format, "
+                        f"got {settings!r:.80}")
+    return settings
+
+
+def sentence_transformers_note(pooling: str, prompt_format: str) -> str | None:
+    """Why sentence-transformers would compute other vectors than dret from an exported folder (None: it computes
+    the same)."""
+    reasons = []
+    if pooling == "latent":
+        reasons.append("it cannot run the latent-attention block (NV-Embed): it would mean-pool the decoder's states")
+    if pooling == "last_8":
+        reasons.append("it has no last_8 pooling (the mean of the last 8 tokens): it would take the last token")
+    if prompt_format:
+        reasons.append(f"it has no {prompt_format} prompt format (dret.prompts): it would embed the bare text")
+    return ("sentence-transformers does not reproduce this model's vectors: " + "; ".join(reasons) +
+            ". Load the folder with dret (`Embedder.from_pretrained`, `dret.eval`)") if reasons else None
+
+
 def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_seq_length: int,
-                                 prompts: dict[str, str]) -> dict:
+                                 prompts: dict[str, str], prompt_format: str) -> dict:
     modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+    dret_settings = {"pooling": pooling, "prompt_format": prompt_format}
+    pooling = ST_STAND_IN_POOLING.get(pooling, pooling)  # read back from dret_settings
     if pooling not in modes:
         raise DretError(f"pooling {pooling!r} has no sentence-transformers equivalent; exportable: {', '.join(modes)}")
     modules = [
@@ -353,13 +395,15 @@ def _sentence_transformers_files(pooling: str, normalize: bool, dim: int, max_se
                       "include_prompt": True, **{mode: name == pooling for name, mode in modes.items()}}
     return {"modules.json": modules, "1_Pooling/config.json": pooling_config,
             "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-            ST_CONFIG: {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}}
+            ST_CONFIG: {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+                        "dret": dret_settings}}
 
 
 def save_folder(model: nnx.Module, hf_config: dict, tokenizer, out_dir: str, *, pooling: str, normalize: bool,
-                max_seq_length: int, prompts: dict[str, str]) -> None:
+                max_seq_length: int, prompts: dict[str, str], prompt_format: str = "") -> None:
     """Write an HF folder that `transformers.AutoModel` and `SentenceTransformer` load (`prompts`: the
-    instructions `encode_query` / `encode_document` prefix).
+    instructions `encode_query` / `encode_document` prefix). Where sentence-transformers cannot reproduce the
+    vectors (`sentence_transformers_note`), a README.md and a warning say so.
 
     Files are written to a temporary sibling and renamed into place, so a crash never leaves a half folder, and a
     failure leaves no temporary folder. An existing `out_dir` is refused, never replaced.
@@ -370,24 +414,29 @@ def save_folder(model: nnx.Module, hf_config: dict, tokenizer, out_dir: str, *, 
     staging = f"{out_dir}.tmp-{os.getpid()}"
     try:
         _write_files(model, hf_config, tokenizer, staging, pooling=pooling, normalize=normalize,
-                     max_seq_length=max_seq_length, prompts=prompts)
+                     max_seq_length=max_seq_length, prompts=prompts, prompt_format=prompt_format)
         os.rename(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_files(model: nnx.Module, hf_config: dict, tokenizer, folder: str, *, pooling: str, normalize: bool,
-                 max_seq_length: int, prompts: dict[str, str]) -> None:
+                 max_seq_length: int, prompts: dict[str, str], prompt_format: str) -> None:
     os.makedirs(os.path.join(folder, "1_Pooling"))
     if normalize:
         os.makedirs(os.path.join(folder, "2_Normalize"))
     hf_class = models.family_of(hf_config).HF_CLASSES[hf_config["model_type"]]
     config = dict(hf_config, architectures=[hf_class], torch_dtype="float32")
     files = {"config.json": config, **_sentence_transformers_files(
-        pooling, normalize, model.config.hidden_size, max_seq_length, prompts)}
+        pooling, normalize, model.config.hidden_size, max_seq_length, prompts, prompt_format)}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)
+    note = sentence_transformers_note(pooling, prompt_format)
+    if note:
+        log.warning("%s: %s", folder, note)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(f"{note}\n")
     weights_file = os.path.join(folder, SAFETENSORS)
     try:
         safetensors.numpy.save_file(state_dict(model), weights_file, metadata={"format": "pt"})

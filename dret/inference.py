@@ -18,7 +18,8 @@ from dret import model_card, models, peft
 from dret.checkpoint import Checkpointer
 from dret.errors import DretError, one_line
 from dret.model import Embedder
-from dret.resources import build_backbone, check_base, resolve_model, tokenizer_of
+from dret.models import added_tokens
+from dret.resources import build_backbone, check_base, resolve_model, tokenizer_of, with_tokens_of
 from dret.sharding import make_mesh
 from dret.train_step import make_optimizer, state_layout
 from ml_configs import base
@@ -27,14 +28,20 @@ CHECKPOINTS = "checkpoints"  # under a run's output_dir
 
 
 def embedder_of(model: nnx.Module, hf_config: dict, tokenizer, config, dtype=jnp.float32) -> Embedder:
-    """A trained backbone as an Embedder with LoRA adapters merged and float32 weights, computing in `dtype` (for
-    export, evaluation during training and dret.eval)."""
-    plain = nnx.eval_shape(lambda: models.build(hf_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    """A trained backbone as an Embedder with LoRA adapters merged, the rows of added tokens appended to the
+    vocabulary (config vocab_size grown) and float32 weights, computing in `dtype` (for export, evaluation during
+    training and dret.eval)."""
     params = (peft.merged_params(model, rank=config.lora_rank, alpha=config.lora_alpha)
               if config.fine_tune_type == "lora" else nnx.state(model, nnx.Param))
-    backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    flat, text = added_tokens.merged(dict(nnx.to_flat_state(params)), models.text_config(hf_config),
+                                     models.family_of(hf_config).VOCAB_TABLE)
+    hf_config = models.with_text_config(hf_config, text)
+    plain = nnx.eval_shape(lambda: models.build(hf_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    backbone = nnx.merge(nnx.split(plain)[0], jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                           nnx.from_flat_state(flat)))
     return Embedder(backbone, tokenizer, hf_config, pooling=config.sentence_pooling_method,
-                    normalize=config.normalized, max_length=config.passage_max_len, prompts=prompts_of(config))
+                    normalize=config.normalized, max_length=config.passage_max_len, prompts=prompts_of(config),
+                    prompt_format=config.prompt_format)
 
 
 def prompts_of(config) -> dict[str, str]:
@@ -95,6 +102,8 @@ def load_checkpoint(output_dir: str, step: int | None = None):
     config = config_of(meta)
     source = resolve_model(config)
     check_base(meta.get("base_model"), source, config, os.path.join(output_dir, CHECKPOINTS, str(step)))
+    tokenizer = tokenizer_of(source, config)
+    source = with_tokens_of(source, tokenizer)
     hf_config = source.hf
     backbone = build_backbone(source, config, dtype=jnp.float32, param_dtype=jnp.float32)
     graphdef, params, frozen = peft.split_trainable(backbone, hf_config, config)
@@ -109,7 +118,7 @@ def load_checkpoint(output_dir: str, step: int | None = None):
         saved, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer_of(source, config), config, step
+    return nnx.merge(graphdef, saved.params, frozen), hf_config, tokenizer, config, step
 
 
 def export_run(output_dir: str, step: int, export_dir: str) -> None:

@@ -10,6 +10,7 @@ import os
 import yaml
 
 from dret.errors import DretError
+from dret.hf_io import sentence_transformers_note
 from dret.resources import BUNDLED_MINILM, model_dir
 
 CARD = "README.md"
@@ -50,6 +51,25 @@ def _table(row: dict, keys) -> str:
                       "| " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |"])
 
 
+def _usage(config) -> list[str]:
+    """How to load the export: sentence-transformers, or, where it cannot reproduce the vectors, dret."""
+    note = sentence_transformers_note(config.sentence_pooling_method, config.prompt_format)
+    if note:
+        return [f"{note}:", "", "```python", "from dret.model import Embedder", "",
+                "model = Embedder.from_pretrained(\"path/to/this/folder\")",
+                f"queries = model.encode([\"a question\"], role=\"query\", "
+                f"instruction={config.query_instruction_for_retrieval!r})",
+                f"passages = model.encode([\"a passage\"], role=\"passage\", "
+                f"instruction={config.passage_instruction_for_retrieval!r})", "```"]
+    return ["```python", "from sentence_transformers import SentenceTransformer", "",
+            "model = SentenceTransformer(\"path/to/this/folder\")",
+            "queries = model.encode_query([\"a question\"])",
+            "passages = model.encode_document([\"a passage\"])", "```", "",
+            f"`encode_query` and `encode_document` prefix the instructions the model was trained with (the "
+            f"folder's sentence-transformers prompts; `dret.eval` uses them too): queries "
+            f"{config.query_instruction_for_retrieval!r}, passages {config.passage_instruction_for_retrieval!r}."]
+
+
 def training_card(config, *, output_dir: str, step: int, data_files: dict[str, int], dim: int) -> str:
     """The card of the export at `step` of the run in `output_dir`: front matter, usage, data, settings, metrics
     (from its metrics.jsonl), the whole config."""
@@ -66,14 +86,7 @@ def training_card(config, *, output_dir: str, step: int, data_files: dict[str, i
              f"{', L2-normalised' if config.normalized else ''}) fine-tuned from "
              f"{f'`{base}`' if base else 'a random tiny model'} with dret ({config.fine_tune_type}"
              f"{', LoRA merged into the weights' if config.fine_tune_type == 'lora' else ''}), step {step}.", "",
-             "```python", "from sentence_transformers import SentenceTransformer", "",
-             "model = SentenceTransformer(\"path/to/this/folder\")",
-             "queries = model.encode_query([\"a question\"])",
-             "passages = model.encode_document([\"a passage\"])", "```", "",
-             f"`encode_query` and `encode_document` prefix the instructions the model was trained with (the "
-             f"folder's sentence-transformers prompts; `dret.eval` uses them too): queries "
-             f"{config.query_instruction_for_retrieval!r}, passages {config.passage_instruction_for_retrieval!r}.",
-             "",
+             *_usage(config), "",
              "## Training", "",
              "| data file | rows |", "|---|---|", *[f"| {path} | {rows} |" for path, rows in data_files.items()], "",
              f"{step} steps of {config.per_device_train_batch_size} queries per device x "

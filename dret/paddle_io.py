@@ -84,9 +84,10 @@ def read_tensors(path: str, hf: dict, *, allow_pickle: bool):
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
     """The folder's WordPiece tokenizer (vocab.txt and tokenizer_config.json's do_lower_case), splitting as
-    PaddleNLP's BERT / ERNIE / Chinese RoBERTa tokenizers do."""
+    PaddleNLP's BERT / ERNIE / Chinese RoBERTa tokenizers do; without vocab.txt, the folder's HF tokenizer files
+    (a decoder's, as PaddleNLP's NV-Embed port keeps them)."""
     if not os.path.isfile(os.path.join(path, "vocab.txt")):
-        raise DretError(f"{path}: expected vocab.txt (PaddleNLP's BERT / ERNIE tokenizer files)")
+        return transformers.AutoTokenizer.from_pretrained(path)
     bert = transformers.BertTokenizer.from_pretrained(path)
     backend = bert.backend_tokenizer
     backend.pre_tokenizer = pre_tokenizers.Sequence([backend.pre_tokenizer, pre_tokenizers.Split(_SYMBOL, "isolated")])

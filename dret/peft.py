@@ -1,4 +1,6 @@
-"""What trains, chosen by variable type: sft (every Param), bitfit (biases), lora (qwix `nnx.LoRAParam`)."""
+"""What trains, chosen by variable type: sft (every Param), bitfit (biases), lora (qwix `nnx.LoRAParam`); under
+bitfit and lora also the embedding rows of added tokens (`dret.models.added_tokens`), which have nothing to learn
+from otherwise."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import qwix
 from flax import nnx
 
 from dret import models
+from dret.models.added_tokens import is_added
 
 FINE_TUNE_TYPES = ("sft", "lora", "bitfit")
 
@@ -17,7 +20,8 @@ def _is_bias(path, value) -> bool:
 
 def trainable(fine_tune_type: str):
     """The nnx filter of the variables the optimizer updates."""
-    return {"sft": nnx.Param, "lora": nnx.LoRAParam, "bitfit": _is_bias}[fine_tune_type]
+    return {"sft": nnx.Param, "lora": nnx.Any(nnx.LoRAParam, is_added),
+            "bitfit": nnx.Any(_is_bias, is_added)}[fine_tune_type]
 
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float, target_modules, seed: int,

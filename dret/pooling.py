@@ -6,17 +6,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-POOLING_METHODS = ("cls", "mean", "last", "last_8")
+POOLING_METHODS = ("cls", "mean", "last", "last_8", "latent")  # latent: the mean of an NV-Embed output
 
 
-def pool_weights(positions_bt: jax.Array, lengths_bt: jax.Array, method: str) -> jax.Array:
+def pool_weights(positions_bt: jax.Array, lengths_bt: jax.Array, method: str,
+                 starts_bt: jax.Array | None = None) -> jax.Array:
     """Each token's weight [B, T] in its text's vector, from its position in the text and the text's length
-    (0 where no text is): cls the first token, mean all, last the last, last_8 the last 8 equally."""
+    (0 where no text is): cls the first token, mean all, last the last, last_8 the last 8 equally (a text of
+    fewer than 8 tokens: the mean of all of them).
+
+    starts_bt (broadcastable to [B, T], None = 0): the text's first pooled position. Tokens before it (NV-Embed's
+    instruction, `dret.prompts.instruction_length`) get weight 0 and the method reads the text from there on. A
+    text with nothing from its start on pools no token (a zero vector); the data and `check_instruction` keep
+    instructions shorter than the texts, so this does not happen in training or evaluation.
+    """
     real_bt = positions_bt < lengths_bt
+    if starts_bt is not None:
+        real_bt &= positions_bt >= starts_bt
+        positions_bt, lengths_bt = positions_bt - starts_bt, lengths_bt - starts_bt
     n_bt = jnp.maximum(lengths_bt, 1).astype(jnp.float32)
     if method == "cls":
         w_bt = positions_bt == 0
-    elif method == "mean":
+    elif method in ("mean", "latent"):
         w_bt = 1.0 / n_bt
     elif method in ("last", "last_8"):
         n_last = 1 if method == "last" else 8
@@ -32,13 +43,15 @@ def text_positions(segments_bt: jax.Array) -> jax.Array:
     return jnp.where(real_bt, jnp.cumsum(real_bt, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def pool(h_btd: jax.Array, segments_bt: jax.Array, method: str) -> jax.Array:
+def pool(h_btd: jax.Array, segments_bt: jax.Array, method: str, pool_from_b: jax.Array | None = None) -> jax.Array:
     """Hidden states [B, T, D] of padded rows (one text each, padded on the right or the left; segment 0 =
-    padding) -> vectors [B, D] in float32."""
+    padding) -> vectors [B, D] in float32. pool_from_b [B]: each text's tokens before this position are not
+    pooled (`pool_weights`' starts; None: all are)."""
     real_bt = segments_bt != 0
     lengths_b1 = real_bt.astype(jnp.int32).sum(1, keepdims=True)
     positions_bt = jnp.where(real_bt, text_positions(segments_bt), lengths_b1)  # padding: past the end, weight 0
-    w_bt = pool_weights(positions_bt, lengths_b1, method)
+    starts_b1 = None if pool_from_b is None else pool_from_b.astype(jnp.int32).reshape(-1, 1)
+    w_bt = pool_weights(positions_bt, lengths_b1, method, starts_b1)
     return (h_btd.astype(jnp.float32) * w_bt[..., None]).sum(1)
 
 

@@ -10,7 +10,7 @@ import os
 import jax
 from flax import nnx
 
-from dret import hf_io, models, tokens
+from dret import hf_io, models, prompts, tokens
 from dret.demo_data import BUILTIN_TRAIN_DATA, write_train_jsonl
 from dret.errors import DretError
 
@@ -35,7 +35,7 @@ def bundled_smollm2() -> str:
 
 
 # family -> the bundled model a tiny run without a model folder takes its tokenizer and config from
-STAND_INS = {models.bert: bundled_minilm, models.llama: bundled_smollm2}
+STAND_INS = {models.bert: bundled_minilm, models.llama: bundled_smollm2, models.nvembed: bundled_smollm2}
 
 
 def model_dir(config) -> str | None:
@@ -72,12 +72,12 @@ def resolve_model(config) -> ModelSource:
     if folder is None:
         family = models.family_of({"model_type": config.model_type or "bert"}, "model_type")
         folder = STAND_INS[family]()
-        hf = {**hf_io.read_config(folder), "model_type": config.model_type or "bert"}
+        hf = models.stand_in_config(hf_io.read_config(folder), config.model_type or "bert")
     else:
         hf = hf_io.read_config(folder)
     if config.model_type:
         check_model_type(config.model_type, hf, folder)
-    return ModelSource(folder, {**hf, **models.family_of(hf).TINY} if config.tiny else hf, config.tiny)
+    return ModelSource(folder, models.tiny(hf) if config.tiny else hf, config.tiny)
 
 
 def build_backbone(source: ModelSource, config, *, dtype, param_dtype, shardings=None) -> nnx.Module:
@@ -114,10 +114,23 @@ def check_base(saved: str | None, source: ModelSource, config, checkpoint: str) 
 
 def tokenizer_of(source: ModelSource, config):
     """The run's tokenizer (the model's, or its tiny stand-in's) with the config's pad_token, add_bos_token and
-    add_eos_token."""
-    return tokens.configure(hf_io.load_tokenizer(source.folder, source.hf["vocab_size"]), pad_token=config.pad_token,
-                            add_bos_token=config.add_bos_token, add_eos_token=config.add_eos_token,
-                            source=source.folder)
+    add_eos_token, and the special tokens of its prompt_format (`with_tokens_of` gives them embedding rows)."""
+    tokenizer = hf_io.load_tokenizer(source.folder, models.text_config(source.hf)["vocab_size"])
+    tokenizer = tokens.configure(tokenizer, pad_token=config.pad_token, add_bos_token=config.add_bos_token,
+                                 add_eos_token=config.add_eos_token, source=source.folder)
+    prompts.add_special_tokens(tokenizer, config.prompt_format)
+    return tokenizer
+
+
+def with_tokens_of(source: ModelSource, tokenizer) -> ModelSource:
+    """`source` with room for every token of `tokenizer`: where it has more than vocab_size (special tokens the run
+    added), the HF config's `added_tokens` (not an HF key) asks the backbone for that many new, trainable embedding
+    rows; otherwise `source` itself. Fresh runs, resumed runs and `dret.inference` size the model by this."""
+    text = models.text_config(source.hf)
+    extra = len(tokenizer) - text["vocab_size"]
+    if extra <= 0:
+        return source
+    return dataclasses.replace(source, hf=models.with_text_config(source.hf, {**text, "added_tokens": extra}))
 
 
 def resolve_train_data(config) -> str:

@@ -130,11 +130,11 @@ def make_step(config, graphdef, tx, mesh, params, shardings, hidden_size: int) -
     return step_config, jax.jit(train_step, static_argnums=2, donate_argnums=0, out_shardings=(shardings, replicated))
 
 
-def embed(model, ids_bt, segments_bt, rng, cfg: StepConfig):
+def embed(model, ids_bt, segments_bt, rng, cfg: StepConfig, pool_from_b=None):
     """Padded rows [B, T] (one text each, padding on either side; segments a 0/1 mask) -> vectors [B, d], with
-    dropout keyed by `rng` (None: none)."""
+    dropout keyed by `rng` (None: none); pool_from_b [B]: tokens left out of pooling (`dret.pooling.pool`)."""
     h_btd = model(ids_bt, segments_bt, positions_bt=text_positions(segments_bt), dropout_rng=rng)
-    v_bd = pool(h_btd, segments_bt, cfg.sentence_pooling_method)
+    v_bd = pool(h_btd, segments_bt, cfg.sentence_pooling_method, pool_from_b)
     return finish(v_bd, normalize=cfg.normalized, dim=None)
 
 
@@ -158,8 +158,11 @@ def batch_loss(q_bd, p_nd, cfg: StepConfig):
 def micro_batch_loss(params, frozen, batch, rng, cfg: StepConfig):
     """(loss, metrics) of one micro-batch, with dropout and LoRA dropout keyed by `rng`."""
     model = with_lora_rng(nnx.merge(cfg.graphdef, params, frozen), jax.random.fold_in(rng, 1))
-    q_bd = embed(model, batch["query_ids"], batch["query_mask"], jax.random.fold_in(rng, 2), cfg)
-    p_nd = embed(model, batch["passage_ids"], batch["passage_mask"], jax.random.fold_in(rng, 3), cfg)
+    # dret.data's batches carry pool_from; batches built elsewhere (dret.plan's shapes, bench) may not
+    q_bd = embed(model, batch["query_ids"], batch["query_mask"], jax.random.fold_in(rng, 2), cfg,
+                 batch.get("query_pool_from"))
+    p_nd = embed(model, batch["passage_ids"], batch["passage_mask"], jax.random.fold_in(rng, 3), cfg,
+                 batch.get("passage_pool_from"))
     return batch_loss(q_bd, p_nd, cfg)
 
 

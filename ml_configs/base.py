@@ -13,8 +13,8 @@ def get_config(arg=None):
     c.overwrite_output_dir = False  # start over: delete what dret wrote in output_dir (else an earlier run is resumed)
     c.dry_run = False  # check config, output_dir, model folder and training files, say what the run would do, stop
     c.fine_tune_type = "sft"  # sft (all weights) | lora (qwix adapters) | bitfit (biases only)
-    c.model_type = ""  # the family of a tiny run without a model folder (bert | llama | mistral | qwen2; "" = bert)
-    c.sentence_pooling_method = "cls"  # cls | mean | last | last_8
+    c.model_type = ""  # family of a tiny run without a model folder: bert | llama | mistral | qwen2 | nvembed; "" = bert
+    c.sentence_pooling_method = "cls"  # cls | mean | last | last_8 | latent (NV-Embed's block, then the mean)
     c.normalized = True  # L2-normalise embeddings before scoring
     # Data.
     c.train_data = ""  # a .jsonl file or a folder of them, rows {"query", "pos": [...], "neg": [...]}
@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.passage_max_len = 512  # passage tokens (truncated right, padded)
     c.query_instruction_for_retrieval = ""  # prefix added to every query
     c.passage_instruction_for_retrieval = ""  # prefix added to every passage
+    c.prompt_format = ""  # "" (instruction + text) | bge_icl (in-context examples) | llara (dret.prompts)
     c.pad_token = ""  # unk_token | eos_token | pad_token: the token padding uses; "" = the tokenizer's (else unk, else eos)
     c.padding_side = "right"  # right | left: where batches are padded (the vectors are the same either way)
     c.add_bos_token = -1  # 1: every text starts with BOS, 0: none, -1: as the tokenizer does

@@ -15,8 +15,9 @@ from dret.sharding import batch_sharding
 from dret.trainer import train_and_evaluate
 from tests.train_util import ROOT, new_run, tiny_config, train_command
 
-# repllama.py trains two steps as written (tiny) in tests/test_decoder_training.py
-CONFIGS = sorted(p.stem for p in pathlib.Path(ROOT, "ml_configs").glob("*.py") if p.stem not in ("__init__", "repllama"))
+# the decoder recipes train two steps as written (tiny) in tests/test_decoder_training.py and tests/test_recipes.py
+RECIPES = ("repllama", "nv_embed", "bge_en_icl", "llara")
+CONFIGS = sorted(p.stem for p in pathlib.Path(ROOT, "ml_configs").glob("*.py") if p.stem not in ("__init__", *RECIPES))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -10,10 +10,11 @@ import json
 import logging
 import os
 
-from dret import model_card
+from dret import model_card, prompts
 from dret.errors import DretError, run_command
 from dret.eval import cache, datasets, model_dir, sweep
 from dret.eval.run import EvalOptions, evaluate_retrieval
+from dret.pooling import POOLING_METHODS
 
 TABLE_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "map_at_10", "precision_at_10", "recall_at_100",
                  "recall_at_1000")
@@ -40,10 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--split", "--task_split", dest="split",
                       help="qrels split (default: test for BEIR, dev for T2Ranking / MS MARCO; mteb: the task's own)")
     m = p.add_argument_group("model options (the reference's names)")
-    m.add_argument("--pooling_method", choices=("cls", "mean", "last", "last_8"),
+    m.add_argument("--pooling_method", choices=POOLING_METHODS,
                    help="default: the model folder's sentence-transformers config")
     m.add_argument("--query_instruction", help="prefix of every query (default: the model's own, see README)")
     m.add_argument("--document_instruction", help="prefix of every passage (default: the model's own)")
+    m.add_argument("--examples_file", help="in-context examples for every query of a bge_icl model: a JSON list or "
+                                           "jsonl of {\"instruct\", \"query\", \"response\"}")
     m.add_argument("--max_seq_length", type=int, help="both max lengths (default: the model's)")
     m.add_argument("--query_max_length", type=int)
     m.add_argument("--passage_max_length", type=int)
@@ -118,7 +121,9 @@ def _options(args, query_instruction: str, document_instruction: str) -> EvalOpt
                        passage_max_length=args.passage_max_length or args.max_seq_length,
                        eval_batch_size=args.eval_batch_size, dim=args.dim, top_k=args.top_k, index=args.index,
                        nlist=args.nlist, nprobe=args.nprobe, shard_size=args.shard_size,
-                       cache_dir=None if args.no_cache else args.cache_dir)
+                       cache_dir=None if args.no_cache else args.cache_dir,
+                       examples=tuple(prompts.format_example(**e) for e in prompts.read_examples(args.examples_file))
+                       if args.examples_file else ())
 
 
 def _models(args) -> list[tuple[str, str]]:
@@ -185,7 +190,8 @@ def evaluate_model(args, models: list[tuple[str, str]], step: int | None = None)
         results += run_mteb_tasks(get_query, names.split(","), opts, split=args.split, flag=flag,
                                   get_passage_embedder=get_passage)
     for r in results:
-        r.update(query_instruction=opts.query_instruction, document_instruction=opts.document_instruction)
+        r.update(query_instruction=opts.query_instruction, document_instruction=opts.document_instruction,
+                 examples=len(opts.examples))
     return results
 
 

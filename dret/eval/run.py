@@ -22,6 +22,7 @@ class EvalOptions:
     """Encoding and search settings (the reference's names where it has them)."""
     query_instruction: str = ""
     document_instruction: str = ""
+    examples: tuple[str, ...] = ()  # in-context examples of every query (bge_icl; `dret.prompts.format_example`)
     query_max_length: int | None = None  # None: the model's max length
     passage_max_length: int | None = None
     eval_batch_size: int = 64
@@ -49,8 +50,9 @@ class _Encoder:
     def __call__(self, texts: list[str], *, role: str, data_key: str, instruction: str,
                  max_length: int | None) -> np.ndarray:
         cache_dir = self.opts.cache_dir if self.model_key else None
+        examples = self.opts.examples if role == "query" else ()
         k = cache.key(model=self.model_key, data=data_key, role=role, instruction=instruction,
-                      max_length=max_length, dim=self.opts.dim)
+                      max_length=max_length, dim=self.opts.dim, **({"examples": list(examples)} if examples else {}))
         emb_nd = cache.load(cache_dir, k, rows=len(texts))
         if emb_nd is not None:
             self.cache_hits += 1
@@ -59,7 +61,8 @@ class _Encoder:
             self._embedder = self.get_embedder()
         start = time.perf_counter()
         emb_nd = self._embedder.encode(texts, batch_size=self.opts.eval_batch_size, max_length=max_length,
-                                       instruction=instruction, dim=self.opts.dim, progress=self.opts.progress)
+                                       instruction=instruction, dim=self.opts.dim, progress=self.opts.progress,
+                                       role=role, examples=examples)
         self.seconds += time.perf_counter() - start
         cache.save(cache_dir, k, emb_nd, {"model": self.model_key, "data": data_key, "role": role,
                                           "instruction": instruction, "max_length": max_length, "dim": self.opts.dim})

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dret.errors import DretError
-from dret.models import bert, llama
+from dret.models import bert, llama, nvembed
 
-FAMILIES = (bert, llama)
+FAMILIES = (bert, llama, nvembed)
 
 
 def family_of(hf: dict, source: str = "config.json"):
@@ -58,6 +58,37 @@ def family_of_paddle(class_name, model_type, source: str):
 def config_of(hf: dict, source: str = "config.json"):
     """The family's validated config of an HF config dict (`hidden_size`, `vocab_size`, `max_text_length`, ...)."""
     return family_of(hf, source).config_of(hf, source)
+
+
+def text_config(hf: dict) -> dict:
+    """The HF config dict of the transformer itself (`num_hidden_layers`, `hidden_size`, `vocab_size`, ...): NV-Embed's
+    `text_config`, every other model's whole config."""
+    return hf["text_config"] if hf.get("model_type") in nvembed.MODEL_TYPES else hf
+
+
+def with_text_config(hf: dict, text: dict) -> dict:
+    """`hf` with `text` as its transformer's config (see `text_config`)."""
+    return {**hf, "text_config": text} if hf.get("model_type") in nvembed.MODEL_TYPES else text
+
+
+def stand_in_config(hf: dict, model_type: str) -> dict:
+    """The HF config dict of a tiny run's `model_type` from its bundled stand-in's config `hf` (NV-Embed: the
+    stand-in decoder as its text_config; `tiny` then sizes the latent block)."""
+    if model_type in nvembed.MODEL_TYPES:
+        return {"model_type": model_type, "text_config": {**hf, "model_type": "mistral"},
+                "latent_attention_config": {}}
+    return {**hf, "model_type": model_type}
+
+
+def masks_instruction(hf: dict) -> bool:
+    """Whether the model leaves a text's instruction tokens out of its pooled mean (NV-Embed's `is_mask_instruction`,
+    on unless config.json says false)."""
+    return hf.get("model_type") in nvembed.MODEL_TYPES and hf.get("is_mask_instruction", True) is not False
+
+
+def tiny(hf: dict) -> dict:
+    """`hf` shrunk to its family's TINY shape (a nested config, as NV-Embed's text_config, updated key by key)."""
+    return {**hf, **{k: {**hf[k], **v} if isinstance(v, dict) else v for k, v in family_of(hf).TINY.items()}}
 
 
 def build(hf: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):

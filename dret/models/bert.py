@@ -7,7 +7,7 @@ to fp32 embeddings, and faster on CPUs with bf16 units (figures: `bench/RESULTS_
 the code").
 
 The family's surface for `dret.models` (the registry) and `dret.hf_io`: MODEL_TYPES and HF_CLASSES, `config_of`,
-`build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS), PaddleNLP's names
+`build`, the HF key table (`hf_name`, `transposed`, `checkpoint_prefix`, UNUSED_KEYS, VOCAB_TABLE), PaddleNLP's names
 (PADDLE_CLASSES, `from_paddle_config`, `from_paddle_name`, `from_paddle_tensor`), LORA_MODULES / LORA_TARGETS, TINY,
 and on the config `hidden_size`, `vocab_size` and `max_text_length`.
 """
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dret.errors import DretError
+from dret.models import added_tokens
 from dret.models.attention import dot_product_attention
 from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
@@ -71,6 +72,7 @@ def _config_value_problem(name: str, value) -> str | None:
         "layer_norm_eps": (is_number and value > 0, "a positive number"),
         "hidden_dropout_prob": (is_number and 0 <= value < 1, "a number in [0, 1)"),
         "use_task_id": (isinstance(value, bool), "true or false"),
+        "added_tokens": (is_int and value >= 0, "an integer >= 0"),
     }
     ok, expected = checks.get(name, (True, None))
     return None if ok else expected
@@ -94,6 +96,7 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     use_task_id: bool = False  # ERNIE 3.0
     task_type_vocab_size: int = 3
+    added_tokens: int = 0  # not an HF field: embedding rows for tokens past vocab_size (special tokens a run added)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "BertConfig":
@@ -153,6 +156,7 @@ _LAYER_KEYS = {
 _EMBEDDING_NAMES = {ours: hf for hf, ours in _EMBEDDING_KEYS.items()}
 _LAYER_NAMES = {ours: hf for hf, ours in _LAYER_KEYS.items()}
 _PARAM_NAMES = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
+VOCAB_TABLE = ("embeddings", "word", "embedding")  # the base token embeddings; added rows beside them
 
 
 def hf_name(path: tuple) -> str:
@@ -255,6 +259,7 @@ class Embeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.word = _embed(cfg.vocab_size, d, ("vocab", "embed"), dtype, param_dtype, rngs)
+        self.added_embeddings = added_tokens.new_rows(self.word, cfg.added_tokens)
         self.position = _embed(cfg.max_position_embeddings, d, ("position", "embed"), dtype, param_dtype, rngs)
         self.token_type = _embed(cfg.type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
         self.task_type = (_embed(cfg.task_type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
@@ -262,7 +267,8 @@ class Embeddings(nnx.Module):
         self.norm = _norm(d, cfg.layer_norm_eps, param_dtype, rngs)
 
     def __call__(self, ids_bt, position_ids_bt, token_type_ids_bt):
-        x_btd = self.word(ids_bt) + self.position(position_ids_bt) + self.token_type(token_type_ids_bt)
+        x_btd = (added_tokens.lookup(self.word, self.added_embeddings, ids_bt) + self.position(position_ids_bt)
+                 + self.token_type(token_type_ids_bt))
         if self.task_type is not None:  # HF ERNIE defaults task_type_ids to zeros
             x_btd = x_btd + self.task_type(jnp.zeros_like(ids_bt))
         return self.norm(x_btd)

@@ -1,12 +1,13 @@
 """Decoder-only LLMs in Flax NNX: Llama 2 / 3 / 3.1 (RoPE scaling `linear`, `llama3`), Mistral (sliding window),
 Qwen2 (q/k/v bias, sliding window on chosen layers); grouped-query attention, RMSNorm, SwiGLU. Causal attention,
-or bidirectional (NV-Embed, LLM2Vec) when the config says `"bidirectional": true`.
+or bidirectional (NV-Embed, LLM2Vec) when the config says `"bidirectional": true`. `"added_tokens": n` gives n
+trainable embedding rows for special tokens beyond vocab_size (`dret.models.added_tokens`).
 
 As in `bert`: parameters name logical axes only, compute and parameter dtypes are separate, matmuls give float32
 results and the residual stream, norms, RoPE and softmax stay float32. The family's surface for `dret.models` and
 `dret.hf_io` is bert's: MODEL_TYPES, HF_CLASSES, `config_of`, `build`, `hf_name`, `transposed`,
-`checkpoint_prefix`, UNUSED_KEYS, LORA_MODULES / LORA_TARGETS, TINY; attribute names mirror HF's, so the key table is
-the module path.
+`checkpoint_prefix`, UNUSED_KEYS, VOCAB_TABLE, LORA_MODULES / LORA_TARGETS, TINY; attribute names mirror HF's, so the
+key table is the module path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dret.errors import DretError
+from dret.models import added_tokens
 from dret.models.attention import dot_product_attention
 from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
@@ -86,6 +88,7 @@ class LlamaConfig:
     mlp_bias: bool
     layer_windows: tuple[int | None, ...]  # per layer: the sliding window (None: full causal attention)
     bidirectional: bool  # not an HF field: NV-Embed / LLM2Vec-style models attend both ways (no window)
+    added_tokens: int  # not an HF field: embedding rows for tokens past vocab_size (special tokens a run added)
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
@@ -104,7 +107,8 @@ _REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "nu
              "num_attention_heads", "max_position_embeddings")
 # HF's defaults where config.json leaves a field out (or null); Mistral's sliding window is on unless set to null
 _DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "attention_bias": False,
-             "mlp_bias": False, "use_sliding_window": False, "max_window_layers": 28, "bidirectional": False}
+             "mlp_bias": False, "use_sliding_window": False, "max_window_layers": 28, "bidirectional": False,
+             "added_tokens": 0}
 
 
 def _is_int(value) -> bool:
@@ -133,6 +137,7 @@ def _problem(name: str, value) -> str | None:
         "high_freq_factor": (_is_number(value) and value > 0, "a positive number"),
         "partial_rotary_factor": (value == 1, "1 (partial rotary embeddings are not supported)"),
         "max_window_layers": (_is_int(value) and value >= 0, "an integer >= 0"),
+        "added_tokens": (_is_int(value) and value >= 0, "an integer >= 0"),
         "layer_types": (isinstance(value, list) and all(v in LAYER_TYPES for v in value),
                         f"a list of {' / '.join(LAYER_TYPES)}"),
         "pad_token_id": (_is_token_id(value), "an integer >= 0"),
@@ -233,6 +238,7 @@ def config_of(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
         o_bias=model_type == "llama" and values["attention_bias"],
         mlp_bias=model_type == "llama" and values["mlp_bias"],
         layer_windows=_layer_windows(hf, values, source), bidirectional=values["bidirectional"],
+        added_tokens=values["added_tokens"],
         pad_token_id=values.get("pad_token_id"), bos_token_id=values.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
 
@@ -246,6 +252,7 @@ def build(cfg: LlamaConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs) 
 # Checkpoint parts that embeddings never use (the LM or classification head, rotary buffers): skipped, and logged.
 UNUSED_KEYS = re.compile(r"^(lm_head\.|score\.|(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$)")
 _PARAM_NAMES = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
+VOCAB_TABLE = ("embed_tokens", "embedding")  # the base token embeddings; added rows beside them
 
 
 def hf_name(path: tuple) -> str:
@@ -380,7 +387,8 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Token ids [B, T] -> last hidden states [B, T, D] (after the final norm) in float32."""
+    """Token ids [B, T] (below vocab_size + added_tokens) -> last hidden states [B, T, D] (after the final norm) in
+    float32."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
@@ -390,6 +398,7 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")))
+        self.added_embeddings = added_tokens.new_rows(self.embed_tokens, cfg.added_tokens)
         self.layers = nnx.List([DecoderLayer(cfg, window, dtype, param_dtype, rngs) for window in cfg.layer_windows])
         self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
 
@@ -401,7 +410,8 @@ class LlamaModel(nnx.Module):
         real_bt = segments_bt != 0
         if positions_bt is None:
             positions_bt = jnp.cumsum(real_bt, axis=1) - 1
-        x_btd = constrain(self.embed_tokens(ids_bt).astype(jnp.float32), ACTIVATION_AXES)
+        x_btd = constrain(added_tokens.lookup(self.embed_tokens, self.added_embeddings, ids_bt).astype(jnp.float32),
+                          ACTIVATION_AXES)
         positions_bt = (positions_bt * real_bt).astype(jnp.int32)
         x_btd = run_layers(self.layers, x_btd, segments_bt.astype(jnp.int32), positions_bt, dropout_rng,
                            remat=self.remat)
