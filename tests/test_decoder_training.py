@@ -1,7 +1,6 @@
 """Decoders through training, evaluation and export: the RepLLaMA recipe on a tiny random Llama (SmolLM2's tokenizer,
 built-in data), LoRA adapters merged on export, token switches, padding side, and the base model check."""
 
-import json
 import logging
 
 import jax
@@ -21,7 +20,7 @@ from dret.sharding import batch_sharding
 from dret.train_step import embed
 from dret.trainer import train_and_evaluate
 from ml_configs import repllama
-from tests.train_util import new_run, tiny_config
+from tests.train_util import new_run, small_beir, tiny_config
 
 TEXTS = ["what is a retrieval model?", "Paris is the capital of France.", "東京は日本の首都です。 🚀",
          "def f(x):\n    return x + 1\n", "x"]
@@ -39,21 +38,10 @@ def repllama_run(tmp_path_factory):
     return config, export, tmp
 
 
-def _beir(folder):
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": f"title {i}",
-                                                             "text": f"document {i} about topic {i % 3}"}) + "\n"
-                                                 for i in range(12)))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
-                                                  for i in range(3)))
-    (folder / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
-    return folder
-
-
 def test_repllama_tiny_trains_two_steps_and_dret_eval_reads_its_checkpoint(repllama_run):
     config, export, tmp = repllama_run
     assert inference.saved_steps(config.output_dir) == [1, 2]
-    common = ["--data", str(_beir(tmp / "beir")), "--query_instruction", "query: ", "--document_instruction",
+    common = ["--data", str(small_beir(tmp / "beir")), "--query_instruction", "query: ", "--document_instruction",
               "passage: ", "--output_folder", str(tmp / "out"), "--no_cache"]
     from_run = eval_main(["--model", config.output_dir, *common])[0]  # base + adapters, merged on load
     from_export = eval_main(["--model", export, *common])[0]
@@ -220,7 +208,7 @@ def test_export_carries_its_instructions_as_prompts_and_dret_eval_uses_them(repl
     st = SentenceTransformer(export, device="cpu")
     ours = exported.encode(TEXTS[:2], instruction="query: ", max_length=32, progress=False)
     assert (st.encode_query(TEXTS[:2], normalize_embeddings=True) * ours).sum(1).min() >= 0.99999
-    common = ["--data", str(_beir(tmp / "beir_prompts")), "--output_folder", str(tmp / "out2"), "--no_cache"]
+    common = ["--data", str(small_beir(tmp / "beir_prompts")), "--output_folder", str(tmp / "out2"), "--no_cache"]
     with caplog.at_level(logging.WARNING):
         default = eval_main(["--model", export, *common])[0]
     assert "--query_instruction 'query: ': the model's own" in caplog.text

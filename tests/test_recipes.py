@@ -11,6 +11,7 @@ from dret import inference, prompts
 from dret.eval.__main__ import main as eval_main
 from dret.model import Embedder
 from dret.trainer import train_and_evaluate
+from tests.train_util import small_beir
 
 NV_EMBED_TASK = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
 ICL_TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -22,17 +23,6 @@ EXPECTED = {
     "bge_en_icl": ({("bge_icl", "query", ICL_TASK, True), ("bge_icl", "passage", "", False)}, "last", "bge_icl"),
     "llara": ({("llara", "query", "", False), ("llara", "passage", "", False)}, "last_8", "llara"),
 }
-
-
-def _beir(folder):
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": f"title {i}",
-                                                             "text": f"document {i} about topic {i % 3}"}) + "\n"
-                                                 for i in range(12)))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
-                                                  for i in range(3)))
-    (folder / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
-    return folder
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -50,7 +40,7 @@ def test_recipe_trains_two_steps_and_dret_eval_applies_its_prompt_format(name, t
     monkeypatch.setattr(prompts, "encode", recording)
     (tmp_path / "examples.json").write_text(json.dumps([EXAMPLE]))
     examples = ["--examples_file", str(tmp_path / "examples.json")] if name == "bge_en_icl" else []
-    result = eval_main(["--model", config.output_dir, "--data", str(_beir(tmp_path / "beir")), *examples,
+    result = eval_main(["--model", config.output_dir, "--data", str(small_beir(tmp_path / "beir")), *examples,
                         "--output_folder", str(tmp_path / "out"), "--no_cache"])[0]
     expected_calls, pooling, prompt_format = EXPECTED[name]
     assert calls == expected_calls and result["ndcg_at_10"] > 0

@@ -1,5 +1,6 @@
 """Tiny training configs and helpers shared by the training tests."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,15 @@ def new_run(config, devices=None):
     from dret.config_check import validate
 
     return build_run(config, validate(config), devices)
+
+
+def small_beir(folder):
+    """A 12-document, 3-query BEIR folder (each query's document about its topic) at `folder` (a pathlib.Path)."""
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": f"title {i}",
+                                                             "text": f"document {i} about topic {i % 3}"}) + "\n"
+                                                 for i in range(12)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
+                                                  for i in range(3)))
+    (folder / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(3)))
+    return folder

@@ -26,6 +26,7 @@ from flax import nnx
 from dret.errors import DretError
 from dret.models import added_tokens
 from dret.models.attention import dot_product_attention
+from dret.models.blocks import dense, gelu, layer_norm
 from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
 
@@ -39,14 +40,8 @@ LORA_TARGETS = ("query", "key", "value")  # adapters when lora_target_modules is
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)  # config.tiny's shape
 
 
-def _gelu(x):
-    """Exact GELU in torch's form, x/2 (1 + erf(x/sqrt 2)): faster on CPU than jax.nn.gelu's erfc form, and closer
-    to torch for very negative x."""
-    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
-
-
 _ACTIVATIONS = {
-    "gelu": _gelu,
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -225,22 +220,6 @@ def from_paddle_tensor(paddle_name: str, value):
     return value.T if param == "weight" and module in _PADDLE_LINEARS and value.ndim == 2 else value
 
 
-def _dense(n_in, n_out, axes, dtype, param_dtype, rngs):
-    return nnx.Linear(
-        n_in, n_out, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs,
-        kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
-    )
-
-
-def _norm(n, eps, param_dtype, rngs):
-    return nnx.LayerNorm(
-        n, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-    )
-
-
 def _embed(n, d, axes, dtype, param_dtype, rngs):
     return nnx.Embed(
         n, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -264,7 +243,7 @@ class Embeddings(nnx.Module):
         self.token_type = _embed(cfg.type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
         self.task_type = (_embed(cfg.task_type_vocab_size, d, ("token_type", "embed"), dtype, param_dtype, rngs)
                           if cfg.use_task_id else None)
-        self.norm = _norm(d, cfg.layer_norm_eps, param_dtype, rngs)
+        self.norm = layer_norm(d, cfg.layer_norm_eps, param_dtype, rngs)
 
     def __call__(self, ids_bt, position_ids_bt, token_type_ids_bt):
         x_btd = (added_tokens.lookup(self.word, self.added_embeddings, ids_bt) + self.position(position_ids_bt)
@@ -283,14 +262,14 @@ class Layer(nnx.Module):
         self.dtype = dtype
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.dropout_rate = cfg.hidden_dropout_prob
-        self.query = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.key = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.value = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.attn_out = _dense(d, d, ("heads", "embed"), dtype, param_dtype, rngs)
-        self.attn_norm = _norm(d, eps, param_dtype, rngs)
-        self.mlp_in = _dense(d, f, ("embed", "mlp"), dtype, param_dtype, rngs)
-        self.mlp_out = _dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs)
-        self.mlp_norm = _norm(d, eps, param_dtype, rngs)
+        self.query = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.key = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.value = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.attn_out = dense(d, d, ("heads", "embed"), dtype, param_dtype, rngs)
+        self.attn_norm = layer_norm(d, eps, param_dtype, rngs)
+        self.mlp_in = dense(d, f, ("embed", "mlp"), dtype, param_dtype, rngs)
+        self.mlp_out = dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs)
+        self.mlp_norm = layer_norm(d, eps, param_dtype, rngs)
 
     def __call__(self, x_btd, segments_bt, positions_bt, dropout_rng):
         """Positions are already in the embeddings (BERT adds them once, before the first layer)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dret.errors import DretError
+from dret.models.blocks import dense, gelu, layer_norm
 
 # our field -> NV-Embed's `latent_attention_config` key
 HF_KEYS = {"num_latents": "num_latents_value", "num_heads": "num_cross_heads", "head_dim": "cross_dim_head",
@@ -53,27 +54,6 @@ class LatentConfig:
         return cls(**values)
 
 
-def _dense(n_in, n_out, axes, use_bias, dtype, param_dtype, rngs):
-    return nnx.Linear(
-        n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32,
-        rngs=rngs, kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
-    )
-
-
-def _norm(n, eps, param_dtype, rngs):
-    return nnx.LayerNorm(
-        n, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-    )
-
-
-def _gelu(x):
-    """Exact GELU in torch's erf form (NV-Embed's `torch.nn.functional.gelu`)."""
-    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
-
-
 class LatentAttention(nnx.Module):
     """x + to_out(attend(to_q(norm(x)), to_kv(norm_context(latents)))), then y + ff_out(geglu(ff_in(ff_norm(y)))).
     Attribute names are NV-Embed's leaf names (`dret.models.nvembed` maps them to its checkpoint's)."""
@@ -83,14 +63,14 @@ class LatentAttention(nnx.Module):
         self.num_heads, self.head_dim, self.dtype = n, h, dtype
         self.latents = nnx.Param(nnx.with_partitioning(nnx.initializers.normal(1.0), (None, "embed"))(
             rngs.params(), (cfg.num_latents, d), param_dtype))
-        self.norm = _norm(d, cfg.layer_norm_eps, param_dtype, rngs)
-        self.norm_context = _norm(cfg.hidden_dim, cfg.layer_norm_eps, param_dtype, rngs)
-        self.to_q = _dense(d, n * h, ("embed", "heads"), False, dtype, param_dtype, rngs)
-        self.to_kv = _dense(cfg.hidden_dim, 2 * n * h, ("embed", "heads"), False, dtype, param_dtype, rngs)
-        self.to_out = _dense(n * h, d, ("heads", "embed"), False, dtype, param_dtype, rngs)
-        self.ff_norm = _norm(d, cfg.layer_norm_eps, param_dtype, rngs)
-        self.ff_in = _dense(d, 2 * f, ("embed", "mlp"), True, dtype, param_dtype, rngs)
-        self.ff_out = _dense(f, d, ("mlp", "embed"), True, dtype, param_dtype, rngs)
+        self.norm = layer_norm(d, cfg.layer_norm_eps, param_dtype, rngs)
+        self.norm_context = layer_norm(cfg.hidden_dim, cfg.layer_norm_eps, param_dtype, rngs)
+        self.to_q = dense(d, n * h, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=False)
+        self.to_kv = dense(cfg.hidden_dim, 2 * n * h, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=False)
+        self.to_out = dense(n * h, d, ("heads", "embed"), dtype, param_dtype, rngs, use_bias=False)
+        self.ff_norm = layer_norm(d, cfg.layer_norm_eps, param_dtype, rngs)
+        self.ff_in = dense(d, 2 * f, ("embed", "mlp"), dtype, param_dtype, rngs, use_bias=True)
+        self.ff_out = dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs, use_bias=True)
 
     def __call__(self, x_btd, segments_bt=None, positions_bt=None, dropout_rng=None):
         """x_btd [B, T, D] -> [B, T, D] float32. Segments, positions and dropout_rng are a layer's arguments, unused:
@@ -107,4 +87,4 @@ class LatentAttention(nnx.Module):
                                preferred_element_type=jnp.float32)
         x_btd = x_btd + self.to_out(attn_btnh.reshape(b, t, self.num_heads * self.head_dim))
         u_btf, gate_btf = jnp.split(self.ff_in(self.ff_norm(x_btd)), 2, axis=-1)
-        return x_btd + self.ff_out(u_btf * _gelu(gate_btf))
+        return x_btd + self.ff_out(u_btf * gelu(gate_btf))

@@ -25,6 +25,7 @@ from flax import nnx
 from dret.errors import DretError
 from dret.models import added_tokens
 from dret.models.attention import dot_product_attention
+from dret.models.blocks import dense
 from dret.models.layers import ACTIVATION_AXES, run_layers
 from dret.models.logical import constrain
 
@@ -307,14 +308,6 @@ def from_gguf_tensor(name: str, x: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
 
 
 # --- the model -----------------------------------------------------------------------------------------------------
-def _dense(n_in, n_out, axes, use_bias, dtype, param_dtype, rngs):
-    return nnx.Linear(
-        n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32,
-        rngs=rngs, kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
-    )
-
-
 def _rms_norm(n, eps, param_dtype, rngs):
     return nnx.RMSNorm(n, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
@@ -342,10 +335,10 @@ class Attention(nnx.Module):
         self.rope, self.dtype = cfg.rope, dtype
         self.is_causal = not cfg.bidirectional
         self.window = None if cfg.bidirectional else window
-        self.q_proj = _dense(d, n * h, ("embed", "heads"), cfg.qkv_bias, dtype, param_dtype, rngs)
-        self.k_proj = _dense(d, kv * h, ("embed", "heads"), cfg.qkv_bias, dtype, param_dtype, rngs)
-        self.v_proj = _dense(d, kv * h, ("embed", "heads"), cfg.qkv_bias, dtype, param_dtype, rngs)
-        self.o_proj = _dense(n * h, d, ("heads", "embed"), cfg.o_bias, dtype, param_dtype, rngs)
+        self.q_proj = dense(d, n * h, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=cfg.qkv_bias)
+        self.k_proj = dense(d, kv * h, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=cfg.qkv_bias)
+        self.v_proj = dense(d, kv * h, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=cfg.qkv_bias)
+        self.o_proj = dense(n * h, d, ("heads", "embed"), dtype, param_dtype, rngs, use_bias=cfg.o_bias)
 
     def __call__(self, x_btd, segments_bt, positions_bt):
         b, t, _ = x_btd.shape
@@ -364,9 +357,9 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, dtype, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _dense(d, f, ("embed", "mlp"), cfg.mlp_bias, dtype, param_dtype, rngs)
-        self.up_proj = _dense(d, f, ("embed", "mlp"), cfg.mlp_bias, dtype, param_dtype, rngs)
-        self.down_proj = _dense(f, d, ("mlp", "embed"), cfg.mlp_bias, dtype, param_dtype, rngs)
+        self.gate_proj = dense(d, f, ("embed", "mlp"), dtype, param_dtype, rngs, use_bias=cfg.mlp_bias)
+        self.up_proj = dense(d, f, ("embed", "mlp"), dtype, param_dtype, rngs, use_bias=cfg.mlp_bias)
+        self.down_proj = dense(f, d, ("mlp", "embed"), dtype, param_dtype, rngs, use_bias=cfg.mlp_bias)
 
     def __call__(self, x_btd):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
