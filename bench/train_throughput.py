@@ -43,6 +43,7 @@ class Workload:
     passage_len: int
     recompute: bool
     real_lengths: bool  # text lengths from the anchor's scifact_train_lengths.json, cut at the lengths above
+    fp8: bool = False  # dret's Linear matmuls in FP8 (config fp8=True); torch runs its bf16 workload (TORCH_NAME)
 
 
 WORKLOADS = {
@@ -51,7 +52,9 @@ WORKLOADS = {
     "bert-base-short": Workload(256, 8, 32, 128, False, False),
     "bert-base-reallen": Workload(64, 4, 32, 512, False, True),
     "bert-base-reallen-recompute": Workload(64, 4, 32, 512, True, True),
+    "bert-base-fp8": Workload(64, 4, 32, 512, False, False, fp8=True),
 }
+TORCH_NAME = {"bert-base-fp8": "bert-base-norecompute"}  # the anchor's workload a dret workload is compared with
 SKIPPED = {"llama7b-lora-seed": "waits for the decoder issue (Llama-7B, LoRA r32, batch 1 x group 4, passage 4096)"}
 BERT_BASE_HF = dict(model_type="bert", vocab_size=18000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=2048)
@@ -108,18 +111,21 @@ def measure_dret(name: str, w: Workload, hf: dict, steps: int, warmup: int, leng
 
     from dret import models, peft
     from dret.flops import ModelFlops, mfu_metrics
+    from dret.models import fp8
     from dret.sharding import batch_sharding, make_mesh
     from dret.train_step import create_state, make_optimizer, make_step, precision
     from ml_configs import base
 
     config = base.get_config()
-    config.bf16, config.recompute, config.sentence_pooling_method = True, w.recompute, "cls"
+    config.bf16, config.fp8, config.recompute, config.sentence_pooling_method = True, w.fp8, w.recompute, "cls"
     config.per_device_train_batch_size = w.batch // jax.device_count()
     config.train_group_size, config.temperature = w.group, 0.02
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     dtype, param_dtype = precision(config)
     backbone = models.build(hf, dtype=dtype, param_dtype=param_dtype, remat=config.recompute,
                             rngs=nnx.Rngs(config.seed))
+    if config.fp8:
+        fp8.enable(backbone)  # as dret.build does
     flops = ModelFlops.of(backbone, hf)
     graphdef, params, frozen = peft.split_trainable(backbone, hf, config)
     tx, _ = make_optimizer(config, total_steps=1000)
@@ -148,7 +154,7 @@ def measure_dret(name: str, w: Workload, hf: dict, steps: int, warmup: int, leng
     peak = max(s["peak_bytes_in_use"] for s in stats) if all("peak_bytes_in_use" in s for s in stats) else None
     return dict(
         workload=name, system="dret", batch=w.batch, group=w.group, qlen=w.query_len, plen=w.passage_len,
-        real_lengths=w.real_lengths, recompute=w.recompute, step_s=significant(step_s),
+        real_lengths=w.real_lengths, recompute=w.recompute, fp8=w.fp8, step_s=significant(step_s),
         examples_per_s=significant(w.batch / step_s), tokens_per_s=round(real_tokens / step_s),
         computed_tokens_per_s=round(padded_tokens / step_s),
         model_tflops_per_s=significant(rates["model_tflops_per_s"]),
@@ -205,7 +211,8 @@ def run_torch(names: list[str], args) -> dict[str, dict]:
 
 
 def describe(w: Workload) -> str:
-    recompute = "recompute" if w.recompute else "no recompute"
+    recompute = ("recompute" if w.recompute else "no recompute") + (", dret's Linear matmuls in FP8 (torch bf16)"
+                                                                    if w.fp8 else "")
     if w.real_lengths:
         return (f"batch {w.batch} x group {w.group}, SciFact train lengths, {recompute}; torch pads each batch to "
                 f"its longest text, dret pads every text to {w.query_len} / {w.passage_len} and cuts longer ones there "
@@ -299,7 +306,8 @@ def main() -> None:
     torch_note = torch_skip_reason(args)
     rows = {}
     if torch_note is None:
-        rows.update({(n, "torch"): row for n, row in run_torch(runnable, args).items()})
+        torch_rows = run_torch(list(dict.fromkeys(TORCH_NAME.get(n, n) for n in runnable)), args)
+        rows.update({(n, "torch"): torch_rows[TORCH_NAME.get(n, n)] for n in runnable})
     else:
         print(f"[torch] skipped: {torch_note}", file=sys.stderr, flush=True)
     for name in runnable:

@@ -13,6 +13,7 @@ from dret import models, peft
 from dret.config_check import validate
 from dret.data import TrainData
 from dret.flops import ModelFlops
+from dret.models import fp8
 from dret.resources import ModelSource, build_backbone, resolve_train_data, tokenizer_of, with_tokens_of
 from dret.sharding import data_parallel_size, make_mesh, param_axes, parse_sharding, state_shardings
 from dret.train_step import StepConfig, TrainState, create_state, make_optimizer, make_step, precision
@@ -78,6 +79,8 @@ def build_run(config, source: ModelSource, devices=None) -> Run:
     fsdp_axes = param_axes(parse_sharding(config.sharding)[0])
     backbone = build_backbone(source, config, dtype=dtype, param_dtype=param_dtype,
                               shardings=lambda state: state_shardings(mesh, state, fsdp_axes=fsdp_axes))
+    if config.fp8:
+        fp8.enable(backbone)  # training only: inference builds its backbone without
     hf_config = source.hf
     graphdef, params, frozen = peft.split_trainable(backbone, hf_config, config)
     total_steps = data.total_steps(config.num_train_epochs, config.max_steps)

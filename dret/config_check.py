@@ -100,6 +100,7 @@ def validate(config) -> ModelSource:
              f"sentence_pooling_method={c.sentence_pooling_method!r}: expected one of {POOLING_METHODS}")
     _require(c.prompt_format in ("", *FORMATS), f"prompt_format={c.prompt_format!r}: expected one of {FORMATS} or \"\"")
     _require(not (c.fp16 and c.bf16), "fp16 and bf16 are both set: choose one")
+    _require(c.bf16 or not c.fp8, "fp8=True needs bf16=True (FP8 matmuls, bf16 everywhere else)")
     _require(c.fp16_opt_level in ("O0", "O1", "O2"), f"fp16_opt_level={c.fp16_opt_level!r}: expected O0, O1 or O2")
     for names, in_range, expected in NUMBER_RULES:
         for name in names:

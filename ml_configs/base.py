@@ -56,6 +56,7 @@ def get_config(arg=None):
     # Precision and memory.
     c.bf16 = False  # bfloat16 compute, float32 master weights
     c.fp16 = False  # float16 compute with dynamic loss scaling, float32 master weights
+    c.fp8 = False  # Linear layers' matmuls in FP8 (e4m3, e5m2 gradients; needs bf16), the rest bf16 (dret.models.fp8)
     c.fp16_opt_level = "O1"  # O0: fp32 compute; O1: fp16 matmuls, fp32 norms/softmax/loss; O2 is O1 here (warned)
     c.recompute = False  # rematerialise each layer in the backward pass (nnx.remat)
     c.use_flash_attention = False  # changes nothing (warned): GPUs use cuDNN flash attention in half precision
