@@ -174,8 +174,8 @@ def test_instruction_tokens_are_left_out_of_the_mean(checkpoint):
     ids, mask = _padded(_tokenizer(), TEXTS[:2])
     h = _jitted(model, ids, mask).astype(np.float64)
     got = np.asarray(pool(jnp.asarray(h), jnp.asarray(mask), "latent", pool_from_b=jnp.array([3, 0])))
-    np.testing.assert_allclose(got[0], h[0, 3:7].mean(0), rtol=1e-6)  # text 0: 7 tokens, the first 3 instruction
-    np.testing.assert_allclose(got[1], h[1, :2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got[0], h[0, 3:7].mean(0), rtol=1e-5)  # text 0: 7 tokens, the first 3 instruction
+    np.testing.assert_allclose(got[1], h[1, :2].mean(0), rtol=1e-5)  # pool sums in float32
     assert not np.allclose(got[0], h[0, :7].mean(0), atol=1e-3)
 
 
