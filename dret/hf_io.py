@@ -343,7 +343,7 @@ def read_prompts(path: str) -> dict[str, str]:
     """The instructions a sentence-transformers folder names in its config ({"query": ..., "document": ...}; {} when
     none): what `encode_query` / `encode_document` prefix, and what dret.eval uses unless told otherwise."""
     file = os.path.join(path, ST_CONFIG)
-    prompts = read_json(file).get("prompts") if os.path.isdir(path) and os.path.isfile(file) else None
+    prompts = _json_field(file, "prompts")
     if prompts is None:
         return {}
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
@@ -355,7 +355,7 @@ def read_dret_settings(path: str) -> dict:
     """What dret wrote under "dret" in a folder's sentence-transformers config ({} when nothing): the pooling and the
     prompt_format, which sentence-transformers has no field for."""
     file = os.path.join(path, ST_CONFIG)
-    settings = read_json(file).get("dret", {}) if os.path.isdir(path) and os.path.isfile(file) else {}
+    settings = read_json(file).get("dret", {}) if os.path.isfile(file) else {}
     if not (isinstance(settings, dict) and all(isinstance(settings.get(k, ""), str)
                                                for k in ("pooling", "prompt_format"))):
         raise DretError(f"{file}: dret: expected an object with string pooling and prompt_format, "

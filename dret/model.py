@@ -86,9 +86,8 @@ class Embedder:
         return jit_forward(nnx.split(self.backbone)[0], cpu.compiler_options(self.backbone.dtype))
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        """Token ids with special tokens, truncated right to max_length."""
-        return self.tokenizer(list(texts), truncation=True, max_length=max_length,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        """Token ids with special tokens, truncated right to max_length (the plain format, no instruction)."""
+        return prompts.encode("plain", self.tokenizer, texts, role="passage", max_length=max_length)
 
     def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int | None = None,
                instruction: str = "", dim: int | None = None, progress: bool = True, role: str = "passage",
