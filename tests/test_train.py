@@ -91,7 +91,7 @@ def exported(output_dir) -> dict:
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    config = tiny_config(tmp_path / "a", max_steps=16, save_steps=2, logging_steps=2, passage_max_len=64)
+    config = tiny_config(tmp_path / "a", max_steps=8, save_steps=2, logging_steps=2, passage_max_len=64)
     train_and_evaluate(config)
     reference = exported(config.output_dir)
 
@@ -106,7 +106,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
     saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
-    assert saved and max(saved) < 16, saved
+    assert saved and max(saved) < 8, saved
     assert not os.path.exists(os.path.join(config.output_dir, "export"))
 
     resumed = run_train(config, timeout=300)
@@ -115,7 +115,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     again = exported(config.output_dir)
     assert all(np.array_equal(again[k], reference[k]) for k in reference)
     rows = [json.loads(line)["step"] for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
-    assert rows == sorted(set(rows)) and rows[-1] == 16
+    assert rows == sorted(set(rows)) and rows[-1] == 8
 
 
 def test_sigterm_saves_then_resume_finishes(tmp_path):
