@@ -56,9 +56,10 @@ PHASES = {"repllama": ("zero", "train", "trained", "cosine"), "llara": ("train",
 LLARA_PROMPT = 20  # tokens the llara format adds to a text (BOS + `"`, then `", summarize ... <s8>`; queries alike)
 LLARA_LEN = {"query": QUERY_LEN + LLARA_PROMPT, "passage": PASSAGE_LEN + LLARA_PROMPT}
 LLARA_MARKERS = {"passage": [f"<s{i}>" for i in range(1, 9)], "query": [f"<s{i}>" for i in range(9, 17)]}
-# The RepLLaMA format's first run (commit ca8b2b0): LLARA's batch and learning rate, under which it did not learn
-REPLLAMA_FIRST = {"steps": 50, "batch": 4, "group": 4, "lr": 3e-4, "ndcg_at_10": 0.0025, "mrr_at_10": 0.0013,
-                  "recall_at_100": 0.0950, "train_seconds": 1021, "eval_seconds": 653}
+# The RepLLaMA format's first run (commit ca8b2b0), shaped as its train and trained phase files: LLARA's batch and
+# learning rate, under which it did not learn
+REPLLAMA_FIRST = {"train": {"settings": {"batch": 4, "group": 4, "lr": 3e-4, "steps": 50}, "seconds": 1021},
+                  "trained": {"ndcg_at_10": 0.0025, "mrr_at_10": 0.0013, "recall_at_100": 0.0950, "seconds": 653}}
 COSINE_TEXTS = 64
 
 
@@ -283,8 +284,9 @@ def phase_table(done: dict) -> list[str]:
                         "longer than on an idle machine)."]
 
 
-def format_row(name: str, settings: dict, train: dict, trained: dict) -> str:
-    """One row of the LLARA section's table of formats."""
+def format_row(name: str, train: dict, trained: dict) -> str:
+    """One row of the LLARA section's table of formats, from a run's train and trained phases."""
+    settings = train["settings"]
     return (f"| {name} | {settings['batch']} x {settings['group']} | {settings['lr']:g} | {settings['steps']} | "
             f"{trained['ndcg_at_10']:.4f} | {trained['mrr_at_10']:.4f} | {trained['recall_at_100']:.4f} | "
             f"{train['seconds']:.0f} | {trained['seconds']:.0f} |")
@@ -292,7 +294,6 @@ def format_row(name: str, settings: dict, train: dict, trained: dict) -> str:
 
 def llara_report(args, done: dict, repllama: dict) -> str:
     """The LLARA section; `repllama`: the RepLLaMA format's train and trained phases from the same workdir, if run."""
-    first = REPLLAMA_FIRST
     lines = ["# LLARA format (issue 15)", "",
              "The same model, training file, LoRA, seed, text lengths and evaluation as the RepLLaMA-format run "
              "above, with the batch and learning rate of that format's first run (4 queries x group 4, lr 3e-4; "
@@ -314,14 +315,12 @@ def llara_report(args, done: dict, repllama: dict) -> str:
              "pooling) |", "",
              "| format | queries x group | lr | steps | NDCG@10 | MRR@10 | Recall@100 | train s | eval s |",
              "|---|---|---|---|---|---|---|---|---|",
-             format_row("RepLLaMA, first run (commit ca8b2b0)", first, {"seconds": first["train_seconds"]},
-                        {**first, "seconds": first["eval_seconds"]})]
+             format_row("RepLLaMA, first run (commit ca8b2b0)", **REPLLAMA_FIRST)]
     if repllama:
-        lines.append(format_row("RepLLaMA (section above)", repllama["train"]["settings"], repllama["train"],
-                                repllama["trained"]))
+        lines.append(format_row("RepLLaMA (section above)", **repllama))
     t, m = done.get("train"), done.get("trained")
     if t and m:
-        lines.append(format_row("LLARA", t["settings"], t, m))
+        lines.append(format_row("LLARA", t, m))
     lines.append("")
     if t:
         lines += [f"Training: {t['examples']} examples in {t['seconds']:.0f} s including the step's compile; "
@@ -356,12 +355,11 @@ MEANING = ("SmolLM2-135M-Instruct is a small chat model quantised to 4 bits (Q4_
            "same training step (query 32 / passage 48 tokens) then separated the causes: the step learns (one fixed "
            "batch is fitted in 10 steps; mean pooling with the first run's settings falls from a loss of 2.43 to "
            "below 0.3 within 15 steps), lr 1e-3 with 4 x group 4 (temperature 0.05) still sat near ln 16 after 40 "
-           "steps, and 8 queries "
-           "each with its positive only (the batch's other passages as negatives) at lr 1e-3 fell below ln 8 within "
-           "12-16 steps, at temperature 0.05 and 0.01 alike. This run takes that sizing with the recipe's temperature "
-           "0.01. Passages are cut to 64 tokens (titles and first sentences of abstracts that average 330 tokens), "
-           "which caps both figures; one run and seed. RepLLaMA-7B's published numbers (a 7B model, full passages, "
-           "MS MARCO training) are not comparable.")
+           "steps, and 8 queries each with its positive only (the batch's other passages as negatives) at lr 1e-3 "
+           "fell below ln 8 within 12-16 steps, at temperature 0.05 and 0.01 alike. This run takes that sizing with "
+           "the recipe's temperature 0.01. Passages are cut to 64 tokens (titles and first sentences of abstracts "
+           "that average 330 tokens), which caps both figures; one run and seed. RepLLaMA-7B's published numbers (a "
+           "7B model, full passages, MS MARCO training) are not comparable.")
 
 LLARA_MEANING = ("Random ranking scores about 0.002 NDCG@10. The rows are the same 135M Q4 chat model after 30 to 100 "
                  "LoRA steps on SciFact training groups, evaluated on the same 300 test queries and 5,183 documents. "
