@@ -16,8 +16,7 @@ from flax import nnx
 from dret.errors import DretError
 from dret.models import fp8
 from dret.models.blocks import dense
-from dret.sharding import batch_sharding
-from tests.test_train import flat
+from tests.test_train import flat, step_history
 from tests.train_util import new_run, tiny_config
 
 
@@ -69,12 +68,9 @@ def _losses(tmp_path, name, **overrides):
     device compiles fastest), and the trained LoRA adapters (flat; {} under sft)."""
     run = new_run(tiny_config(tmp_path / name, bf16=True, max_steps=3, per_device_train_batch_size=8, **overrides),
                   devices=jax.devices()[:1])
-    state, sharding, losses = run.state, batch_sharding(run.mesh), []
-    for batch in run.data.batches(3):
-        batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-        state, metrics = run.step_fn(state, batch, run.step_config)
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), {p: v for p, v in flat(state.params).items() if "lora" in str(p[-1])}
+    state, history = step_history(run, 3)
+    losses = np.array([float(metrics["loss"]) for metrics in history])
+    return losses, {p: v for p, v in flat(state.params).items() if "lora" in str(p[-1])}
 
 
 def test_tiny_fp8_lora_run_tracks_bf16(tmp_path):

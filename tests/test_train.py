@@ -24,13 +24,20 @@ from dret.trainer import train_and_evaluate
 from tests.train_util import ROOT, new_run, run_train, tiny_config, train_command
 
 
-def steps(run, n):
-    """n steps of a fresh run, as the trainer feeds them."""
-    state, sharding = run.state, batch_sharding(run.mesh)
+def step_history(run, n):
+    """n steps of a fresh run, as the trainer feeds them: (state, each step's metrics)."""
+    state, sharding, history = run.state, batch_sharding(run.mesh), []
     for batch in run.data.batches(n):
         batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
         state, metrics = run.step_fn(state, batch, run.step_config)
-    return state, jax.device_get(metrics)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def steps(run, n):
+    """n steps of a fresh run: (state, the last step's metrics)."""
+    state, history = step_history(run, n)
+    return state, history[-1]
 
 
 def flat(state) -> dict:
